@@ -22,6 +22,7 @@ import numpy as np
 
 VIDEO_TOKEN = "<video>"
 ACTION_TOKEN = "<action>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML turn markers of the Qwen2 tokenizer
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 EGO_PROMPT = ("You are seeing this video from egocentric view and you are the person. Your hands are sometimes "
               "interacting with objects. What action are you doing?")
@@ -167,6 +168,11 @@ def load_annotations(root, splits=("train", "validation")):
     loaded = {s: read_segments(root / SPLIT_FILES[s]) for s in splits if (root / SPLIT_FILES[s]).exists()}
     if not loaded:
         raise FileNotFoundError(f"no annotation CSV in {root}: expected {[SPLIT_FILES[s] for s in splits]}")
+    for split, segs in loaded.items():
+        for s in segs:
+            if not (0 <= s.verb_class < len(verbs) and 0 <= s.noun_class < len(nouns)):
+                raise ValueError(f"{root / SPLIT_FILES[split]}: segment {s.id} has verb {s.verb_class} / noun "
+                                 f"{s.noun_class}, outside {VERB_FILE} ({len(verbs)}) / {NOUN_FILE} ({len(nouns)})")
     if (root / ACTIONS_FILE).exists():
         vocab = read_actions_csv(root / ACTIONS_FILE, verbs, nouns)
     else:
@@ -189,8 +195,11 @@ def load_annotations(root, splits=("train", "validation")):
 
 
 def find_video(video_root, video_id):
-    """[(file, start offset in s)] for the original, flat or AVION-chunked layout; clear error if none."""
+    """[(file, start offset in s)] for the original, flat or AVION-chunked layout, or a relative file path;
+    clear error if none."""
     root = Path(video_root)
+    if (root / video_id).is_file():  # a path relative to the root, as replay data (LLaVA JSON) names its videos
+        return [(root / video_id, 0.0)]
     for suffix in VIDEO_SUFFIXES:
         chunk_dir = root / f"{video_id}{suffix}"
         if chunk_dir.is_dir():
@@ -209,14 +218,29 @@ def frame_times(start, end, n, jitter=False, rng=None):
     return start + (np.arange(n) + offsets) * (end - start) / n
 
 
+def open_video(path, video_id, size=None):
+    import decord  # imported here so that annotation-only tools do not need it
+
+    try:
+        return decord.VideoReader(str(path), num_threads=1, **({"height": size[0], "width": size[1]} if size else {}))
+    except Exception as e:
+        raise RuntimeError(f"cannot read {path} (for {video_id}): {e}; re-encode it to H.264 mp4 or "
+                           "pass --skip-bad") from None
+
+
+def video_duration(video_root, video_id):
+    """Seconds of the whole video (all its chunks): replay samples use whole files (end None)."""
+    path, offset = find_video(video_root, video_id)[-1]
+    reader = open_video(path, video_id)
+    return offset + len(reader) / reader.get_avg_fps()
+
+
 def load_clip(video_root, video_id, start, end, n_frames, jitter=False, rng=None, size=None):
     """(T, H, W, 3) uint8 frames and how many sample times fell past the video's end (clamped to its last frame).
 
     Frame indices come from the decoded file's own fps: the CSV's start_frame is at the original 59.94/50 fps.
     `size` (h, w) lets the decoder resize, much cheaper than resizing 1080p frames afterwards.
     """
-    import decord  # imported here so that annotation-only tools do not need it
-
     times = frame_times(start, end, n_frames, jitter, rng)
     files = find_video(video_root, video_id)
     starts = np.array([s for _, s in files])
@@ -224,12 +248,7 @@ def load_clip(video_root, video_id, start, end, n_frames, jitter=False, rng=None
     frames, clamped = [None] * n_frames, 0
     for f in np.unique(which):
         path, offset = files[f]
-        try:
-            kwargs = {"height": size[0], "width": size[1]} if size else {}
-            reader = decord.VideoReader(str(path), num_threads=1, **kwargs)
-        except Exception as e:
-            raise RuntimeError(f"cannot read {path} (for {video_id}): {e}; re-encode it to H.264 mp4 or "
-                               "pass --skip-bad") from None
+        reader = open_video(path, video_id, size)
         picks = np.flatnonzero(which == f)
         index = np.round((times[picks] - offset) * reader.get_avg_fps()).astype(np.int64)
         last = len(reader) - 1
@@ -278,7 +297,10 @@ TOY_VERBS = ["take", "put", "wash", "open", "close", "cut"]
 TOY_NOUNS = ["plate", "knife", "cup", "pan", "bowl", "lid", "spoon", "maker:coffee"]
 TOY_COLOURS = np.array([[240, 240, 240], [40, 200, 230], [230, 40, 40], [250, 200, 30],
                         [60, 200, 60], [170, 90, 230], [250, 130, 200], [150, 90, 40]], dtype=np.uint8)
+TOY_COLOUR_NAMES = ["white", "cyan", "red", "yellow", "green", "purple", "pink", "brown"]
 TOY_SHAPES = ["circle", "hbar", "square", "ring", "diamond", "vbar", "cross", "triangle"]
+TOY_MOVES = {"take": "moves up", "put": "moves down", "wash": "moves left and right", "open": "grows",
+             "close": "shrinks", "cut": "moves from left to right"}  # what toy_motion draws, for toy captions
 TOY_NARRATIONS = ["{v} {n}", "{v} the {n}", "{v} {n} on counter", "{v} {n} now"]
 TOY_RECOGNIZERS = {  # truth bonus, bonus for sharing the verb, for sharing the noun, noise std
     "tim": (3.0, 1.6, 1.0, 1.0),
@@ -350,8 +372,17 @@ def simulate_recognizer(segments, vocab, name, rng):
     return scores
 
 
+def toy_caption(verb, noun):
+    """A GPT-4o-style caption and open QA (captions.json) of what the toy video shows for one action."""
+    words, colour = " ".join(reversed(TOY_NOUNS[noun].split(":"))), TOY_COLOUR_NAMES[noun]
+    move = TOY_MOVES[TOY_VERBS[verb]]
+    return {"caption": f"A {colour} {TOY_SHAPES[noun]}, the {words}, {move}: I {TOY_VERBS[verb]} the {words}.",
+            "qa": [[f"What colour is the {words}?", colour], ["How does the object move?", move]]}
+
+
 def make_toy(out, videos_per_split=(4, 2), segments_per_video=60, n_actions=30, fps=15, size=(64, 96), seed=0):
-    """A toy kitchen in EPIC's layout: CSVs, class files, mp4 videos and two recognizers' scores."""
+    """A toy kitchen in EPIC's layout: CSVs, class files, mp4 videos and two recognizers' scores, plus
+    captions.json (captions and open QA by narration id) and replay.json (LLaVA conversations, videos and text)."""
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     (out / "scores").mkdir(exist_ok=True)
@@ -367,7 +398,7 @@ def make_toy(out, videos_per_split=(4, 2), segments_per_video=60, n_actions=30, 
     columns = ["narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp",
                "stop_timestamp", "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun", "noun_class",
                "all_nouns", "all_noun_classes"]
-    video_number = 0
+    video_number, captions, replay = 0, {}, []
     for split, n_videos in zip(("train", "validation"), videos_per_split):
         rows = []
         for _ in range(n_videos):
@@ -383,12 +414,23 @@ def make_toy(out, videos_per_split=(4, 2), segments_per_video=60, n_actions=30, 
                 rows.append([f"{video_id}_{k}", video_id.split("_")[0], video_id, fmt_time(t), fmt_time(t),
                              fmt_time(t + length), int(t * 59.94) + 1, int((t + length) * 59.94) + 1, narration,
                              TOY_VERBS[v], v, TOY_NOUNS[n], n, str([TOY_NOUNS[n]]), str([n])])
+                captions[rows[-1][0]] = toy_caption(v, n)
                 t += length + rng.uniform(0.2, 1.0)
             render_toy_video(out / "videos" / f"{video_id}.mp4", spans, t + 0.5, fps, size, rng)
+            first, last = rows[-segments_per_video][8], rows[-1][8]
+            replay.append({"id": f"toy_replay_{video_id}", "video": f"videos/{video_id}.mp4", "conversations": [
+                {"from": "human", "value": "<image>\nWhat is the first action in the video?"},
+                {"from": "gpt", "value": first},
+                {"from": "human", "value": "And the last one?"}, {"from": "gpt", "value": last}]})
         with open(out / SPLIT_FILES[split], "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(columns)
             w.writerows(rows)
+    replay += [{"id": f"toy_text_{i}", "conversations": [
+        {"from": "human", "value": f"What colour is a toy {' '.join(reversed(noun.split(':')))}?"},
+        {"from": "gpt", "value": TOY_COLOUR_NAMES[i]}]} for i, noun in enumerate(TOY_NOUNS)]
+    (out / "captions.json").write_text(json.dumps(captions, indent=1))
+    (out / "replay.json").write_text(json.dumps(replay, indent=1))
     if (out / ACTIONS_FILE).exists():
         os.remove(out / ACTIONS_FILE)
     ann = load_annotations(out)
@@ -403,6 +445,205 @@ def make_toy(out, videos_per_split=(4, 2), segments_per_video=60, n_actions=30, 
             np.savez(out / "scores" / f"{name}_{split}.npz", ids=np.array([s.id for s in segs]),
                      scores=simulate_recognizer(segs, ann.vocab, name, rng))
     return out
+
+
+# -----------------------------------------------------------------------------
+# training tasks (paper section 3.3): JSONL-style rows from an annotation split, a mined MQA file and extras
+#
+# captions (the authors' GPT-4o annotations, in this simple form): {"<narration_id>": {"caption": str,
+# "qa": [[question, answer], ...]}}. Replay: LLaVA conversation JSON, read with read_replay.
+
+
+def prior_mqa_question(options, priors):
+    """MQA after the two previous actions: priors = [(seconds ago, text)], oldest first. Texts, not classes, so
+    that SAP evaluation can pass the model's own earlier predictions."""
+    (t2, a2), (t1, a1) = priors
+    return mqa_question(options, PRIOR_PROMPT.format(t2=t2, a2=a2, t1=t1, a1=a1))
+
+
+def previous_segments(segments, n=2):
+    """narration id -> the n segments just before it in the same video (by start time), oldest first."""
+    by_video = {}
+    for s in segments:
+        by_video.setdefault(s.video_id, []).append(s)
+    before = {}
+    for segs in by_video.values():
+        segs.sort(key=lambda s: (s.start, s.end))
+        before.update((s.id, segs[i - n:i]) for i, s in enumerate(segs) if i >= n)
+    return before
+
+
+def segment_row(s, task, question, answer, **extra):
+    """A DESIGN.md sample row of one segment; its classes are the action heads' labels."""
+    return {"id": s.id, "video_id": s.video_id, "start": s.start, "end": s.end, "task": task, "question": question,
+            "answer": answer, **extra, "verb_class": s.verb_class, "noun_class": s.noun_class,
+            "action_class": s.action_class}
+
+
+def temporal_row(s, rng, pad_seconds):
+    """Temporal detection: the clip is the action padded by pad_seconds, alpha ~ U(0, 1) of it before and the
+    rest after (clipped at 0); the answer is where the action lies in the clip, as the prompt asks."""
+    alpha = rng.uniform()
+    clip_start, clip_end = max(0.0, s.start - alpha * pad_seconds), s.end + (1 - alpha) * pad_seconds
+    a, b = s.start - clip_start, s.end - clip_start
+    row = segment_row(s, "temporal", TEMPORAL_PROMPT.format(action=s.narration, duration=s.end - s.start),
+                      f"{a:.2f}: {b:.2f}", action_start=a, action_end=b)
+    row.update(start=clip_start, end=clip_end)
+    return row
+
+
+def read_replay(path, video_root=None):
+    """LLaVA conversation JSON (LLaVA-Video-178K, ...) -> replay rows: the whole video (end None) or text only,
+    every gpt turn supervised. Videos are paths relative to video_root (default: the JSON's folder)."""
+    path = Path(path)
+    rows = []
+    for i, item in enumerate(json.loads(path.read_text())):
+        turns = item.get("conversations", [])
+        if "image" in item or not turns or [t["from"] for t in turns] != ["human", "gpt"] * (len(turns) // 2):
+            raise ValueError(f"{path}, item {i}: expected a video or text sample whose conversations alternate "
+                             "human, gpt (image samples are not supported)")
+        pairs = [[re.sub(r"<(image|video)>\n?", "", q["value"]).strip(), a["value"]] for q, a in
+                 zip(turns[::2], turns[1::2])]
+        row = {"id": str(item.get("id", f"{path.stem}_{i}")), "task": "replay", "question": pairs[0][0],
+               "answer": pairs[0][1], "turns": pairs[1:]}
+        if "video" in item:
+            row.update(video_root=str(video_root or path.parent), video_id=item["video"], start=0.0, end=None)
+        rows.append(row)
+    return rows
+
+
+def build_training_samples(ann, split, mqa_rows, rng, prior_ratio=0.3, temporal=True, direct=True,
+                           pad_seconds=3.0, captions=None, replay=None, replay_ratio=0.0, prompt=EGO_PROMPT):
+    """The training mix of one split. MQA rows (mined with hard distractors) are re-asked with `prompt`
+    (ALLO_PROMPT for the allocentric variant); prior_ratio of them, where the video has two earlier actions,
+    become prior-action MQA. Every segment adds a temporal detection and a direct prediction row, and a caption
+    and an open-QA row where `captions` (dict or JSON path) has them. Replay rows (read_replay, or a JSON path)
+    are drawn with rng to replay_ratio x the task rows. pad_seconds: 3 in the paper, 5 in the authors' code."""
+    segments = ann.segments(split)
+    by_id, before = {s.id: s for s in segments}, previous_segments(segments)
+    rows = []
+    for m in mqa_rows:
+        if m["id"] not in by_id or "answer" not in m:
+            raise ValueError(f"MQA row {m['id']}: not a {split} segment of {ann.root}, or without an answer "
+                             "(a candidates file?)")
+        s, row = by_id[m["id"]], dict(m, task="mqa", question=mqa_question(m["options"], prompt))
+        if rng.uniform() < prior_ratio and s.id in before:
+            priors = [(s.start - p.start, p.narration) for p in before[s.id]]
+            row.update(task="prior_mqa", question=prior_mqa_question(m["options"], priors),
+                       prior_ids=[p.id for p in before[s.id]])
+        rows.append(row)
+    if isinstance(captions, (str, Path)):
+        captions = json.loads(Path(captions).read_text())
+    for s in segments:
+        if temporal:
+            rows.append(temporal_row(s, rng, pad_seconds))
+        if direct:
+            rows.append(segment_row(s, "direct", DIRECT_PROMPT, s.narration))
+        extra = (captions or {}).get(s.id, {})
+        if extra.get("caption"):
+            rows.append(segment_row(s, "caption", CAPTION_PROMPT, extra["caption"]))
+        if extra.get("qa"):
+            (q, a), *turns = extra["qa"]
+            rows.append(segment_row(s, "open_qa", q, a, turns=turns))
+    if isinstance(replay, (str, Path)):
+        replay = read_replay(replay)
+    if replay:
+        n = round(replay_ratio * len(rows))
+        rows += [replay[i] for i in rng.choice(len(replay), n, replace=n > len(replay))]
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# model inputs: token ids with loss masks, a Dataset that decodes clips in DataLoader workers, and collate
+
+
+def encode_conversation(tokenizer, question, answer, n_video_tokens, n_action_tokens, turns=()):
+    """ChatML ids and labels: -100 everywhere except each answer and its closing <|im_end|>. Pieces are
+    tokenised apart and concatenated, so placeholders go in as ids and the prompt's ids are the same with or
+    without the answer. answer None: the prompt only, ending where the answer would start. turns: further
+    [question, answer] pairs (multi-turn replay and open QA), every answer supervised."""
+    def tok(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    im_start, im_end, video, action = tokenizer.convert_tokens_to_ids([IM_START, IM_END, VIDEO_TOKEN, ACTION_TOKEN])
+    placeholders = [video] * n_video_tokens + [action] * n_action_tokens
+    ids, labels = [], []
+    for k, (q, a) in enumerate([(question, answer), *turns] if answer is not None else [(question, None)]):
+        head = placeholders if k == 0 else []
+        user = head + tok(("\n" if head else "") + q)
+        prompt = (tok("\n") if k else []) + [im_start, *tok("user\n"), *user, im_end, *tok("\n"), im_start,
+                                              *tok("assistant\n")]
+        reply = [] if a is None else tok(a) + [im_end]
+        ids += prompt + reply
+        labels += [-100] * len(prompt) + reply
+    return ids, labels
+
+
+class TaskDataset:
+    """Rows -> model inputs for torch's DataLoader (a map-style dataset needs only __len__ and __getitem__; not
+    subclassing torch's keeps torch out of `import data` for mine.py). Clips decode here, in the workers. Each
+    item's randomness (frame jitter) comes from (seed, epoch, index): any number of workers, the same batches.
+    Call set_epoch before creating each epoch's iterator (persistent workers would keep an old copy)."""
+
+    def __init__(self, rows, video_root, tokenizer, spec, n_frames, n_action_tokens=1, train=False,
+                 time_prompt=False, skip_bad=False, with_answer=True, seed=0):
+        self.rows, self.video_root, self.tokenizer, self.spec = rows, video_root, tokenizer, spec
+        self.n_frames, self.n_action_tokens, self.train = n_frames, n_action_tokens, train
+        self.time_prompt, self.skip_bad, self.with_answer = time_prompt, skip_bad, with_answer
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        import torch
+        from model import preprocess_frames  # lazily, like torch (model.py itself does not import data.py)
+
+        row, rng = self.rows[i], np.random.default_rng((self.seed, self.epoch, i))
+        question, pixels, clamped, bad = row["question"], None, 0, False
+        if "video_id" in row:
+            root = row.get("video_root", self.video_root)
+            try:
+                end = row["end"] if row["end"] is not None else video_duration(root, row["video_id"])
+                frames, clamped = load_clip(root, row["video_id"], row["start"], end, self.n_frames,
+                                            jitter=self.train, rng=rng, size=(self.spec.size, self.spec.size))
+                pixels = preprocess_frames(frames, self.spec)
+            except (OSError, RuntimeError) as e:
+                if not self.skip_bad:
+                    hint = "" if "--skip-bad" in str(e) else "; pass --skip-bad to go on without such clips"
+                    raise type(e)(f"sample {row['id']}: {e}{hint}") from None
+                bad = True  # kept as a loss-free text sample, counted in the batch's "bad"
+        if pixels is not None and self.time_prompt:
+            question = TIME_PROMPT.format(duration=end - row["start"], frames=self.n_frames) + "\n" + question
+        n_video = self.spec.video_tokens(self.n_frames) if pixels is not None else 0
+        ids, labels = encode_conversation(self.tokenizer, question, row["answer"] if self.with_answer else None,
+                                          n_video, self.n_action_tokens, row.get("turns", ()))
+        classes = [-100 if bad else row.get(k, -100) for k in ("verb_class", "noun_class", "action_class")]
+        return dict(index=i, input_ids=torch.tensor(ids), labels=torch.tensor([-100] * len(ids) if bad else labels),
+                    pixel_values_videos=pixels, action_labels=torch.tensor(classes), clamped=clamped, bad=bad)
+
+
+def collate(items, pad_id):
+    """Right-pad to the longest row. pixel_values_videos stacks the samples that have video, in batch order
+    (absent when none has): video, text-only and label-free samples mix in one batch."""
+    import torch
+
+    ids = torch.full((len(items), max(len(x["input_ids"]) for x in items)), pad_id, dtype=torch.long)
+    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+    for b, x in enumerate(items):
+        n = len(x["input_ids"])
+        ids[b, :n], labels[b, :n], mask[b, :n] = x["input_ids"], x["labels"], 1
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels,
+                 action_labels=torch.stack([x["action_labels"] for x in items]),
+                 index=torch.tensor([x["index"] for x in items]), clamped=sum(x["clamped"] for x in items),
+                 bad=sum(int(x["bad"]) for x in items))
+    videos = [x["pixel_values_videos"] for x in items if x["pixel_values_videos"] is not None]
+    if videos:
+        batch["pixel_values_videos"] = torch.stack(videos)
+    return batch
 
 
 if __name__ == "__main__":
