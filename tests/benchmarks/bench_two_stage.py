@@ -1,0 +1,82 @@
+"""Two-stage evaluation: share of wall time spent outside the model forward (clip decoding, tokenising, collate,
+Python), with clips decoded in the main process (--workers 0) and by DataLoader workers, side by side.
+
+    python tests/benchmarks/bench_two_stage.py                        # a fresh toy kitchen, tiny model, CPU
+    python tests/benchmarks/bench_two_stage.py --annotations toy --frames 16 --workers 0 2 4
+
+"Forward" is structured.score_options (the one prompt forward per batch and the letter log-softmax), timed
+around the call with a device sync; everything else evaluate.predict does counts as outside.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import structured  # noqa: E402
+from model import load_model  # noqa: E402
+
+
+def timed_forward(device, spent):
+    """structured.score_options, adding its wall time to spent[0]; evaluate.predict looks it up at call time."""
+    real = structured.score_options
+
+    def score_options(model, batch, n_options):
+        t = time.perf_counter()
+        out = real(model, batch, n_options)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        spent[0] += time.perf_counter() - t
+        return out
+    return score_options
+
+
+def run(model, rows, args, workers, device):
+    """(wall seconds, forward seconds) of one two-stage pass over rows."""
+    spent = [0.0]
+    structured.score_options = timed_forward(device, spent)
+    batches = evaluate.plan_batches(rows, {}, 0, 1, args.batch_size, sap=False)
+    t = time.perf_counter()
+    n = sum(1 for _ in evaluate.predict(model, rows, batches, "two_stage", args.frames, args.video_root,
+                                        num_workers=workers))
+    assert n == len(rows)
+    return time.perf_counter() - t, spent[0]
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--annotations", default=None, help="toy or EPIC root; default: a fresh toy kitchen (4+2 videos)")
+    p.add_argument("--video-root", default=None, help="default {annotations}/videos")
+    p.add_argument("--base", default="tiny")
+    p.add_argument("--random-init", action="store_true", help="with a real alias: its shapes, random weights")
+    p.add_argument("--topk", type=int, default=20)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--repeats", type=int, default=2, help="passes per setting; the fastest one is reported")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+
+    root = Path(args.annotations or data.make_toy(Path(tempfile.mkdtemp()) / "toy"))
+    args.video_root = args.video_root or str(root / "videos")
+    device = torch.device(args.device)
+    ann = data.load_annotations(root)
+    rows = evaluate.two_stage_rows(ann, "validation", root / "scores" / "tim_validation.npz", args.topk, "label")
+    vocab = ann.vocab
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    model = load_model(args.base, len(vocab.verbs), len(vocab.nouns), len(vocab), random_init=args.random_init,
+                       dtype=dtype).to(device).eval()
+    run(model, rows[:args.batch_size], args, 0, device)  # warm-up: first-call allocations and kernel choice
+    print(f"two-stage, {len(rows)} clips, top-{args.topk}, {args.frames} frames, batch {args.batch_size}, "
+          f"{args.base} on {device}, torch threads {torch.get_num_threads()}")
+    print(f"{'workers':>8} {'wall s':>8} {'forward s':>10} {'outside':>8} {'clips/s':>8}")
+    for workers in args.workers:
+        wall, fwd = min((run(model, rows, args, workers, device) for _ in range(args.repeats)),
+                        key=lambda r: r[0])
+        print(f"{workers:>8} {wall:>8.2f} {fwd:>10.2f} {1 - fwd / wall:>8.1%} {len(rows) / wall:>8.1f}")
