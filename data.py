@@ -218,14 +218,27 @@ def frame_times(start, end, n, jitter=False, rng=None):
     return start + (np.arange(n) + offsets) * (end - start) / n
 
 
+_READERS = {}  # (pid, path, size) -> decord reader: consecutive clips mostly come from the same long video
+MAX_READERS = 4
+
+
 def open_video(path, video_id, size=None):
+    """A cached reader per process (opening and seeking a long EPIC video costs more than a clip's decode). The
+    pid in the key keeps DataLoader workers off readers inherited through fork, which must not be touched."""
     import decord  # imported here so that annotation-only tools do not need it
 
-    try:
-        return decord.VideoReader(str(path), num_threads=1, **({"height": size[0], "width": size[1]} if size else {}))
-    except Exception as e:
-        raise RuntimeError(f"cannot read {path} (for {video_id}): {e}; re-encode it to H.264 mp4 or "
-                           "pass --skip-bad") from None
+    key = (os.getpid(), str(path), tuple(size) if size else None)
+    if key not in _READERS:
+        try:
+            reader = decord.VideoReader(str(path), num_threads=1, **({"height": size[0], "width": size[1]} if size else {}))
+        except Exception as e:
+            raise RuntimeError(f"cannot read {path} (for {video_id}): {e}; re-encode it to H.264 mp4 or "
+                               "pass --skip-bad") from None
+        mine = [k for k in _READERS if k[0] == key[0]]
+        if len(mine) >= MAX_READERS:
+            del _READERS[mine[0]]
+        _READERS[key] = reader
+    return _READERS[key]
 
 
 def video_duration(video_root, video_id):

@@ -358,7 +358,7 @@ def load_for_eval(ckpt, base, random_init, vocab, device):
     dtype = torch.bfloat16 if device.type == "cuda" else None
     sizes = (len(vocab.verbs), len(vocab.nouns), len(vocab))
     if base:
-        model = load_model(base, *sizes, n_action_tokens=0, random_init=random_init, dtype=dtype)
+        model = load_model(base, *sizes, n_action_tokens=0, random_init=random_init, dtype=dtype, device=device)
     else:
         if not (Path(ckpt) / "config.json").exists():
             raise FileNotFoundError(f"checkpoint {ckpt} holds no LLaVA weights (no {Path(ckpt) / 'config.json'}); "

@@ -130,8 +130,9 @@ def base_config(base: str, tokenizer) -> LlavaOnevisionConfig:
         tie_word_embeddings=text["tie_word_embeddings"])
 
 
-def load_base(base: str, random_init=False, dtype=None, seed=0):
-    """An alias or a local directory -> (LlavaOnevisionForConditionalGeneration, tokenizer)."""
+def load_base(base: str, random_init=False, dtype=None, seed=0, device=None):
+    """An alias or a local directory -> (LlavaOnevisionForConditionalGeneration, tokenizer); random weights are
+    drawn on `device` directly (a 7B model initialised on the CPU takes minutes)."""
     if base not in BASES and not Path(base).exists():
         raise ValueError(f"unknown base {base!r}: not a directory; aliases are {', '.join(BASES)}")
     source = BASES.get(base, base)
@@ -145,9 +146,9 @@ def load_base(base: str, random_init=False, dtype=None, seed=0):
     elif random_init:
         tokenizer, config = AutoTokenizer.from_pretrained(source), LlavaOnevisionConfig.from_pretrained(source)
     else:
-        llava = LlavaOnevisionForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        llava = LlavaOnevisionForConditionalGeneration.from_pretrained(source, dtype=dtype, device_map=device)
         return freeze_unused(llava), AutoTokenizer.from_pretrained(source)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(seed)
         llava = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype)
     return freeze_unused(llava), tokenizer
@@ -265,12 +266,12 @@ class ActionLLaVA(nn.Module):
 
 
 def load_model(path_or_base, n_verbs, n_nouns, n_actions, n_action_tokens=1, random_init=False, dtype=None,
-               **loss_flags) -> ActionLLaVA:
+               device=None, **loss_flags) -> ActionLLaVA:
     """A saved ActionLLaVA directory (heads restored; its token count wins; sizes None = the checkpoint's) or a
     plain LLaVA directory / alias (fresh heads). loss_flags: supervise_layer and the *_weight options."""
     meta_file = Path(path_or_base) / "action.json"
     if not meta_file.exists():
-        llava, tokenizer = load_base(str(path_or_base), random_init=random_init, dtype=dtype)
+        llava, tokenizer = load_base(str(path_or_base), random_init=random_init, dtype=dtype, device=device)
         return ActionLLaVA(llava, tokenizer, n_verbs, n_nouns, n_actions, n_action_tokens, **loss_flags)
     meta = json.loads(meta_file.read_text())
     have = (meta["n_verbs"], meta["n_nouns"], meta["n_actions"])
@@ -278,10 +279,10 @@ def load_model(path_or_base, n_verbs, n_nouns, n_actions, n_action_tokens=1, ran
     if meta["n_action_tokens"] and any(g is not None and g != h for g, h in zip(given, have)):
         raise ValueError(f"checkpoint {path_or_base} has heads for {have[0]} verbs, {have[1]} nouns and "
                          f"{have[2]} actions, but the data has {given[0]}, {given[1]} and {given[2]}")
-    llava, tokenizer = load_base(str(path_or_base), dtype=dtype)
+    llava, tokenizer = load_base(str(path_or_base), dtype=dtype, device=device)
     flags = {"supervise_layer": meta["supervise_layer"], **meta["loss_weights"], **loss_flags}
     model = ActionLLaVA(llava, tokenizer, *have, meta["n_action_tokens"], VisionSpec(**meta["spec"]), **flags)
-    missing, unexpected = model.load_state_dict(torch.load(meta_file.parent / "heads.pt", weights_only=True),
+    missing, unexpected = model.load_state_dict(torch.load(meta_file.parent / "heads.pt", weights_only=True, map_location=device),
                                                 strict=False)
     assert not unexpected and all(k.startswith("llava.") for k in missing), (missing, unexpected)
     return model

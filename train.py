@@ -288,7 +288,7 @@ def evaluate_in_place(model, args, rows, autocast):
         m.unshard()
     with autocast:
         result = evaluate.evaluate_mqa(model, rows, args.video_root, args.frames, args.eval_batch_size,
-                                       args.num_workers, args.skip_bad)
+                                       args.num_workers, args.skip_bad, args.time_prompt)
     for m in units:
         m.reshard()
     return result
