@@ -3,6 +3,7 @@
 The base is transformers' native LlavaOnevisionForConditionalGeneration (SigLIP tower, 2-layer MLP projector,
 Qwen2 LLM), used as it is: this file only adds what LLaVAction adds on top and never re-implements the base.
 """
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -148,7 +149,7 @@ def load_base(base: str, random_init=False, dtype=None, seed=0, device=None):
     else:
         llava = LlavaOnevisionForConditionalGeneration.from_pretrained(source, dtype=dtype, device_map=device)
         return freeze_unused(llava), AutoTokenizer.from_pretrained(source)
-    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+    with torch.random.fork_rng(devices=[]), (torch.device(device) if device else contextlib.nullcontext()):
         torch.manual_seed(seed)
         llava = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype)
     return freeze_unused(llava), tokenizer
