@@ -15,6 +15,7 @@ number of ranks), the learning rate (a function of the step and the planned tota
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
@@ -464,6 +465,10 @@ def main(argv):
             + f"; {state['bad_videos']} unreadable videos skipped, {state['clamped_frames']} frames clamped")
     else:
         say(f"stopped at step {step} of {total}; continue with: python train.py --resume {out}")
+    # DDP's reducer holds the process group: free it while the group lives, or gloo's destructor can hang at exit
+    del model, run_eval
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
