@@ -207,7 +207,7 @@ def predict(model, rows, batches, mode, frames, video_root, vocab=None, num_work
             action = structured.map_choice_to_action(choice, [rows[x["index"]]["option_actions"] for x in items])
         for b, item in enumerate(items):
             pred = prediction_row(rows[item["index"]], frames, item, int(choice[b]), int(action[b]),
-                                  scores[b].tolist(), vocab, mode, priors[b])
+                                  scores[b], vocab, mode, priors[b])
             if done is not None:
                 done[pred["id"]] = pred
             yield pred
@@ -219,10 +219,10 @@ def prediction_row(row, frames, item, choice, action, scores, vocab, mode, prior
     if item["bad"]:
         return dict(pred, bad=True)
     if mode == "multi_round":
-        pred.update(pred_action=action, pred_text=vocab.labels[action], score=round(scores[action], 5))
+        pred.update(pred_action=action, pred_text=vocab.labels[action], score=round(float(scores[action]), 5))
     else:
         pred.update(choice=choice, pred_action=action, pred_text=row["options"][choice],
-                    scores=[round(s, 5) for s in scores], answer_index=row["answer_index"])
+                    scores=[round(s, 5) for s in scores.tolist()], answer_index=row["answer_index"])
     if vocab is not None:
         pred.update(pred_verb=int(vocab.pairs[action, 0]), pred_noun=int(vocab.pairs[action, 1]))
     pred.update(verb_class=row["verb_class"], noun_class=row["noun_class"], action_class=row["action_class"],
