@@ -389,7 +389,8 @@ if __name__ == "__main__":
                                                       "two previous predictions of the video")
     p.add_argument("--time-prompt", action="store_true", help="prefix LLaVA-Video's time instruction")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding clips")
+    p.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
+                   help="DataLoader workers decoding clips (default: cores / 4, at most 4)")
     p.add_argument("--chunk", type=int, default=256, help="multi_round: candidates per pass")
     p.add_argument("--ratings", default=None, help="difficulty levels by narration id (CSV or JSON): per-level "
                                                    "accuracy")

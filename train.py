@@ -67,7 +67,8 @@ parser.add_argument("--replay", default=None, help="LLaVA conversation JSON repl
 parser.add_argument("--replay-root", default=None, help="videos of --replay (default: the JSON's folder)")
 parser.add_argument("--replay-ratio", type=float, default=0.0, help="replay rows per task row")
 parser.add_argument("--skip-bad", action="store_true", help="count unreadable videos and go on without them")
-parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers decoding clips, per rank")
+parser.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
+                    help="DataLoader workers decoding clips, per rank (default: cores / 4, at most 4)")
 parser.add_argument("--eval-file", default=None, help="MQA benchmark (mine.py) evaluated at the end")
 parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps, and at step 0 (0: end only)")
 parser.add_argument("--eval-batch-size", type=int, default=8)
@@ -107,7 +108,7 @@ def toy_preset(root):
     return dict(base="tiny", annotations=str(root), out="runs/toy",
                 train_file=[f"{root}/train_mqa_avion_k{TOY_K}_pool{2 * (TOY_K - 1)}_x{TOY_DRAWS}.jsonl"],
                 eval_file=f"{root}/ek100_mqa_tim_k{TOY_K}.jsonl", frames=8, batch_size=16, grad_accum=1,
-                epochs=1, lr=2e-3, lr_vision=2e-3, warmup_ratio=0.05, num_workers=1, log_every=10, save_every=500)
+                epochs=1, lr=2e-3, lr_vision=2e-3, warmup_ratio=0.05, log_every=10, save_every=500)
 
 
 def resolve_args(argv):
