@@ -222,8 +222,9 @@ _READERS = {}  # (pid, path, size) -> decord reader: consecutive clips mostly co
 MAX_READERS = 4
 # A decord reader keeps two threads busy while it decodes (the caller waits on its decoder thread actively): with
 # more decoding processes than cores/2 they starve each other (two on 2 cores: 2.3 -> 36 ms a clip). Hence the
-# default DataLoader workers per rank: 4 on a 16-core GPU host, 0 (decode in the main process) on a 2-core CPU.
-DEFAULT_WORKERS = min(4, (os.cpu_count() or 1) // 4)
+# default DataLoader workers per rank: cores / (4 x ranks on the node), at most 4; 4 for one rank on a 16-core GPU
+# host, 0 (decode in the main process) on a 2-core CPU.
+DEFAULT_WORKERS = min(4, (os.cpu_count() or 1) // (4 * int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def open_video(path, video_id, size=None):

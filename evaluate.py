@@ -390,7 +390,7 @@ if __name__ == "__main__":
     p.add_argument("--time-prompt", action="store_true", help="prefix LLaVA-Video's time instruction")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward")
     p.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
-                   help="DataLoader workers decoding clips (default: cores / 4, at most 4)")
+                   help="DataLoader workers decoding clips (default: cores / (4 x ranks on the node), at most 4)")
     p.add_argument("--chunk", type=int, default=256, help="multi_round: candidates per pass")
     p.add_argument("--ratings", default=None, help="difficulty levels by narration id (CSV or JSON): per-level "
                                                    "accuracy")

@@ -68,7 +68,7 @@ parser.add_argument("--replay-root", default=None, help="videos of --replay (def
 parser.add_argument("--replay-ratio", type=float, default=0.0, help="replay rows per task row")
 parser.add_argument("--skip-bad", action="store_true", help="count unreadable videos and go on without them")
 parser.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
-                    help="DataLoader workers decoding clips, per rank (default: cores / 4, at most 4)")
+                    help="DataLoader workers decoding clips, per rank (default: cores / (4 x ranks on the node), at most 4)")
 parser.add_argument("--eval-file", default=None, help="MQA benchmark (mine.py) evaluated at the end")
 parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps, and at step 0 (0: end only)")
 parser.add_argument("--eval-batch-size", type=int, default=8)
