@@ -261,7 +261,8 @@ if __name__ == "__main__":
     parser.add_argument("--layer", default="last", help="'last', a layer index (negative counts back) or 'mean'")
     parser.add_argument("--maps", action="store_true", help="write {out}/maps/{id}.png for every selected clip")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding the clips")
+    parser.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
+                        help="DataLoader workers decoding the clips (default: data.DEFAULT_WORKERS)")
     parser.add_argument("--time-prompt", action="store_true", help="prefix LLaVA-Video's time instruction, as "
                                                                   "evaluate.py --time-prompt")
     parser.add_argument("--n-action-tokens", type=int, default=1, help="for an alias (a checkpoint has its own)")
