@@ -320,9 +320,11 @@ TOY_SHAPES = ["circle", "hbar", "square", "ring", "diamond", "vbar", "cross", "t
 TOY_MOVES = {"take": "moves up", "put": "moves down", "wash": "moves left and right", "open": "grows",
              "close": "shrinks", "cut": "moves from left to right"}  # what toy_motion draws, for toy captions
 TOY_NARRATIONS = ["{v} {n}", "{v} the {n}", "{v} {n} on counter", "{v} {n} now"]
-TOY_RECOGNIZERS = {  # truth bonus, bonus for sharing the verb, for sharing the noun, noise std
-    "tim": (3.0, 1.6, 1.0, 1.0),
-    "avion": (2.6, 0.9, 1.8, 1.0),
+# truth bonus, bonus for sharing the verb, for sharing the noun, noise std. About as right as the real ones on
+# EK100 (action top-1 near 0.5, top-5 near 0.85), so the two-stage options are not simply sorted by truth.
+TOY_RECOGNIZERS = {
+    "tim": (1.0, 1.6, 1.0, 1.5),
+    "avion": (1.3, 0.9, 1.8, 1.5),
 }
 
 

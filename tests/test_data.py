@@ -219,7 +219,7 @@ def test_toy_recognizers_rank_the_truth_and_confuse_similar_actions(toy_root):
             assert scores["ids"].tolist() == [s.id for s in segments]
             truth = np.array([s.action_class for s in segments])
             s = scores["scores"].copy()
-            assert (s.argmax(1) == truth).mean() > 5 / len(ann.vocab)
+            assert 5 / len(ann.vocab) < (s.argmax(1) == truth).mean() < 0.8  # right often, not always
             s[np.arange(len(truth)), truth] = -np.inf
             confused = np.argsort(-s, axis=1)[:, :4]  # the four best wrong actions
             shares = (pairs[confused, 0] == pairs[truth, None, 0]) | (pairs[confused, 1] == pairs[truth, None, 1])
