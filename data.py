@@ -271,7 +271,12 @@ def load_clip(video_root, video_id, start, end, n_frames, jitter=False, rng=None
         index = np.round((times[picks] - offset) * reader.get_avg_fps()).astype(np.int64)
         last = len(reader) - 1
         clamped += int((index > last).sum()) if f == len(files) - 1 else 0
-        batch = reader.get_batch(np.clip(index, 0, last).tolist()).asnumpy()
+        try:
+            batch = reader.get_batch(np.clip(index, 0, last).tolist()).asnumpy()
+        except Exception as e:  # decord's DECORDError on a damaged file; the reader stays usable
+            raise RuntimeError(f"cannot decode frames {index.tolist()} of {path} (for {video_id}): "
+                               f"{str(e).splitlines()[0][:200]}; "
+                               "re-encode it or pass --skip-bad") from None
         for i, frame in zip(picks, batch):
             frames[i] = frame
     return np.stack(frames), clamped

@@ -132,12 +132,13 @@ def open_shard(path):
 
 
 def merge_predictions(folder, rows):
-    """The shards -> predictions.jsonl in row order (atomic), then the shards go."""
+    """The shards -> predictions.jsonl in row order (atomic), then the shards go. Predictions of rows outside
+    this run (an earlier run without --limit) are kept after them; the returned list is this run's rows only."""
     done = read_predictions(folder)
     missing = [r["id"] for r in rows if r["id"] not in done]
     assert not missing, f"no prediction for {len(missing)} samples, first {missing[:3]}"
-    preds = [done[r["id"]] for r in rows]
-    data.write_jsonl_atomic(Path(folder) / "predictions.jsonl", preds)
+    preds = [done.pop(r["id"]) for r in rows]
+    data.write_jsonl_atomic(Path(folder) / "predictions.jsonl", preds + list(done.values()))
     for path in Path(folder).glob("predictions.rank*.jsonl"):
         path.unlink()
     return preds

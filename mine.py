@@ -56,7 +56,7 @@ def load_score_file(path, ann=None, split=None, trust_pickle=False):
         raise ValueError(f"{path}: expected a dict with 'ids' (narration ids) and 'scores' (N x A)")
     scores = obj["scores"]
     scores = np.asarray(scores.float().numpy() if hasattr(scores, "numpy") else scores, dtype=np.float32)
-    ids = [str(i) for i in np.asarray(obj["ids"]).tolist()]
+    ids = [i.decode() if isinstance(i, bytes) else str(i) for i in np.asarray(obj["ids"]).tolist()]
     if scores.ndim != 2 or scores.shape[0] != len(ids):
         raise ValueError(f"{path}: scores have shape {scores.shape} for {len(ids)} ids; expected ({len(ids)}, A)")
     return ids, scores
@@ -342,7 +342,8 @@ if __name__ == "__main__":
             scores = read_scores(path, ann, args.split, args.trust_pickle)
             args.scores = str(path)
         rows = mine(ann, args.split, scores, args.k, args.pool, args.topk, args.text, args.seed)
-        name = f"{args.split}_top{args.topk}_{args.model}" if args.topk else f"{args.split}_mqa_{args.model}_k{args.k}"
+        prefix = "ek100" if args.split == "validation" else args.split  # the benchmark's name, as evaluate.py expects
+        name = f"{args.split}_top{args.topk}_{args.model}" if args.topk else f"{prefix}_mqa_{args.model}_k{args.k}"
         args.out = args.out or str(Path(args.annotations) / f"{name}.jsonl")
         data.write_jsonl_atomic(args.out, rows)
         Path(f"{args.out}.args.json").write_text(json.dumps(vars(args), indent=2) + "\n")

@@ -212,6 +212,14 @@ class ActionLLaVA(nn.Module):
         out = self.llava.model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values_videos=pixels,
                                output_hidden_states=all_layers, use_cache=False)
         h = out.last_hidden_state  # after the final norm, as is hidden_states[-1]
+        unused = h.new_zeros(())
+        if pixels is None and self.training:  # a text-only batch (replay, skipped videos) runs the tower on a
+            # blank frame: every rank then runs the same FSDP collectives, and DDP finds every parameter used
+            cfg, size = self.llava.config, self.spec.size
+            blank = h.new_zeros((1, 1, 3, size, size), dtype=self.llava.model.vision_tower.dtype)
+            unused = 0 * self.llava.model.get_video_features(
+                blank, vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output.sum()
         target = labels[:, 1:]  # position t predicts token t + 1
         supervised = target != -100
         logits = self.llava.lm_head(h[:, :-1][supervised]).float()
@@ -231,7 +239,8 @@ class ActionLLaVA(nn.Module):
                 action_labels = torch.full((len(ids), 3), -100, dtype=torch.long, device=ids.device)
             result.update(self.head_losses(states, ids == self.action_id, action_labels))
         w = self.loss_weights
-        result["loss"] = lm_loss_sum / lm_tokens.clamp(min=1) + w["head_weight"] * result["head_loss"]
+        result["lm_loss_sum"] = lm_loss_sum + unused  # adds 0: only the graph changes
+        result["loss"] = result["lm_loss_sum"] / lm_tokens.clamp(min=1) + w["head_weight"] * result["head_loss"]
         return result
 
     def head_losses(self, states, is_action, action_labels) -> dict:

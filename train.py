@@ -192,14 +192,14 @@ def init_distributed():
 
 def parallelize(model, args, device):
     """FSDP2: one unit per decoder and per vision encoder layer, then the root; bf16 compute with fp32 gradient
-    reduction on GPU. DDP: text-only samples (replay, skipped videos) can leave the vision tower without gradient."""
+    reduction on GPU. Every parameter gets a gradient on every step (model.py runs the tower on text-only batches),
+    so DDP needs no find_unused_parameters."""
     if args.parallel == "fsdp":
         mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
         for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
             fully_shard(layer, mp_policy=mp)
         return fully_shard(model, mp_policy=mp)
-    unused = bool(args.replay) or args.skip_bad
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def grad_sync(model, sync):
@@ -245,6 +245,9 @@ def save_checkpoint(model, opt, args, state, rank):
     """{out}/step_N/: DCP shards, each rank's RNG, args.json and train_state.json, written last: its presence
     marks a complete checkpoint."""
     path = Path(args.out) / f"step_{state['step']}"
+    dist.barrier()
+    if rank == 0:  # a step_N written over (after a resume) is incomplete until train_state.json is back
+        (path / "train_state.json").unlink(missing_ok=True)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
@@ -286,6 +289,8 @@ def evaluate_in_place(model, args, rows, autocast):
     """MQA accuracy of the training model. evaluate.py calls LLaVA's submodules, which FSDP's root hooks would not
     unshard, so every unit is gathered for the evaluation and resharded after."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if units:  # before the first training forward (--eval-every), or a unit would make itself the root
+        model._get_fsdp_state()._lazy_init()
     for m in units:
         m.unshard()
     with autocast:
@@ -315,6 +320,10 @@ def main(argv):
     if args.batch_size % (world * args.grad_accum):
         parser.error(f"--batch-size {args.batch_size} is not a multiple of ranks x --grad-accum = {world * args.grad_accum}")
     out = Path(args.out)
+    earlier = sorted(out.glob("step_*/train_state.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if earlier and not args.resume:  # a fresh run here would leave them to a later --resume
+        parser.error(f"{out} holds checkpoints of an earlier run (up to {earlier[-1].parent.name}): continue it with "
+                     f"--resume {out}, or pass another --out, or delete {out}")
     if rank == 0:  # rank 0 first: it may make the toy set and write actions.csv
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
@@ -351,13 +360,15 @@ def main(argv):
                             lr=args.lr, weight_decay=args.weight_decay, foreach=True)
     peaks = (args.lr_vision, args.lr)
     state = dict(step=0, epoch=0, step_in_epoch=0, bad_videos=0, clamped_frames=0)
-    if args.resume:
-        state = load_checkpoint(raw, opt, out, rank)
-        say(f"resumed {out} at step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']} in it)")
-    torch.manual_seed(args.seed + rank + state["step"])  # per-rank randomness from here on (dropout, if any)
-    log_path = out / "log.jsonl"
-    if rank == 0 and log_path.exists():  # a resumed run drops what the killed one logged after its checkpoint
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+    log_path, old_log = out / "log.jsonl", Path(args.resume or out) / "log.jsonl"
+    if args.resume:  # its RNG states included
+        state = load_checkpoint(raw, opt, args.resume, rank)
+        say(f"resumed {args.resume} at step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']}"
+            f" in it)" + ("" if Path(args.resume) == out else f"; continuing in {out}"))
+    else:
+        torch.manual_seed(args.seed + rank)  # per-rank randomness from here on (dropout, if any)
+    if rank == 0 and old_log.exists():  # a resumed run drops what the killed one logged after its checkpoint
+        kept = [line for line in old_log.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
         log_path.write_text("".join(line + "\n" for line in kept) if args.resume else "")
 
     def log(record):

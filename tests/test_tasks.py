@@ -203,6 +203,20 @@ def test_missing_video_raises_or_is_skipped(toy_root, ann, tok, spec):
     assert data.collate([item], tok.pad_token_id)["bad"] == 1
 
 
+
+def test_damaged_video_raises_or_is_skipped(toy_root, ann, tok, spec, tmp_path):
+    """A file that opens but fails to decode past some point (decord's own error type) is skipped too."""
+    segs = [s for s in ann.segments("train") if s.video_id == ann.segments("train")[0].video_id]
+    seg = segs[len(segs) // 2]  # mid-video: inside the damaged middle third
+    damaged = bytearray((toy_root / "videos" / f"{seg.video_id}.mp4").read_bytes())
+    third = len(damaged) // 3
+    damaged[third:2 * third] = bytes(third)  # the frames' data; the index at the end stays
+    (tmp_path / f"{seg.video_id}.mp4").write_bytes(damaged)
+    row = mqa_rows([seg])[0]
+    with pytest.raises(RuntimeError, match=rf"cannot decode .*{seg.video_id}\.mp4.*--skip-bad"):
+        data.TaskDataset([row], tmp_path, tok, spec, N_FRAMES)[0]
+    assert data.TaskDataset([row], tmp_path, tok, spec, N_FRAMES, skip_bad=True)[0]["bad"]
+
 def test_bad_training_inputs(toy_root, ann, tmp_path):
     row = dict(mqa_rows(ann.segments("train")[:1])[0], id="P99_99_0")
     with pytest.raises(ValueError, match="P99_99_0.*train"):
