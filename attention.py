@@ -1,7 +1,7 @@
 """Attention statistics of LLaVAction section 4.5, attention maps over frames (figure 4), and metric plots.
 
     python attention.py --ckpt runs/toy --benchmark toy/ek100_mqa_tim_k5.jsonl --n 200 --out runs/toy/attention
-    python attention.py --ckpt runs/toy --clip P05_01_3 --maps          # heatmaps over the frames, PNG
+    python attention.py --ckpt runs/toy --clip P13_01_2 --maps          # heatmaps over the frames, PNG
     python attention.py --ckpt runs/toy --compare tiny                   # side by side with an untrained model
     python attention.py plot runs/toy/eval_mqa/metrics.json --out DIR    # evaluate.py's metrics as PNG bars
 
@@ -269,12 +269,13 @@ if __name__ == "__main__":
     parser.add_argument("--random-init", action="store_true", help="a real alias built from its config")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="default: {ckpt}/attention (plot: beside metrics.json, plots/)")
+    parser.add_argument("--out", help="default: {ckpt}/attention, {ckpt}/attention/clips with --clip "
+                                      "(plot: beside metrics.json, plots/)")
     args = parser.parse_args()
     if args.command == "plot" and not args.metrics:
         parser.error("plot needs the path of a metrics.json")
     args.out = args.out or str(Path(args.metrics).parent / "plots" if args.command == "plot"
-                               else Path(args.ckpt) / "attention")
+                               else Path(args.ckpt) / "attention" / ("clips" if args.clip else ""))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1))
     if args.command == "plot":

@@ -2,7 +2,7 @@
 detection, direct prediction (captions, replay), plus the action token's verb/noun/action heads.
 
     python train.py --base tiny --data toy                                       # CPU, minutes, learns
-    torchrun --nproc_per_node 2 train.py --base tiny --data toy --parallel fsdp  # the same, sharded (gloo)
+    torchrun --nproc_per_node 2 train.py --base tiny --data toy --parallel fsdp --out runs/toy_fsdp  # sharded (gloo)
     torchrun --nproc_per_node 8 train.py --base llava-video-7b --train-file train.jsonl --annotations EPIC \\
         --video-root VIDEOS --frames 16 --out runs/NAME
     torchrun --nproc_per_node 8 train.py --resume runs/NAME                      # continues where it stopped
