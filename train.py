@@ -104,7 +104,8 @@ TOY_K, TOY_DRAWS, TOY_VIDEOS = 5, 8, (12, 2)  # options per question; training M
 
 
 def toy_preset(root):
-    """The quickstart: the tiny random-init model must learn the toy MQA from scratch in minutes on a CPU."""
+    """The quickstart: minutes on a CPU. In that time the tiny random-init model learns the actions (heads,
+    multi-round), not yet to answer by option letter (README, Known gap); a real base answers letters from the start."""
     return dict(base="tiny", annotations=str(root), out="runs/toy",
                 train_file=[f"{root}/train_mqa_avion_k{TOY_K}_pool{2 * (TOY_K - 1)}_x{TOY_DRAWS}.jsonl"],
                 eval_file=f"{root}/ek100_mqa_tim_k{TOY_K}.jsonl", frames=8, batch_size=16, grad_accum=1,

@@ -93,7 +93,7 @@ def test_schedule_warms_up_then_decays_to_zero_at_the_planned_end():
 def test_toy_run_learns(toy, tmp_path):
     """Loss falls and the heads beat chance on the training batches; MQA is evaluated before and after training
     on the whole benchmark, and the exported model is what evaluate.py loads. (The tiny model needs far more
-    steps than a test affords to beat chance on the MQA letters: see train.py's toy preset.)"""
+    steps than a test affords to beat chance on the MQA letters: see the README's Known gap.)"""
     out = tmp_path / "run"
     p = run(*SMALL, "--annotations", toy, "--out", out, "--max-steps", 40, "--eval-every", 40, "--lr", "3e-3")
     records = log(out)
