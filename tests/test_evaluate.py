@@ -258,12 +258,12 @@ def test_trained_checkpoint_with_heads_loads(kitchen, tmp_path):
     assert m["n"] == 4
 
 
-
 def test_a_smaller_limit_keeps_earlier_predictions(kitchen, tmp_path):
     assert run_cli(kitchen, tmp_path, "--limit", 6)[str(FRAMES)]["n"] == 6
     assert run_cli(kitchen, tmp_path, "--limit", 3)[str(FRAMES)]["n"] == 3
     ids = [r["id"] for r in data.read_jsonl(kitchen / "ek100_mqa_tim_k5.jsonl")[:6]]
     assert [p["id"] for p in predictions(tmp_path)] == ids
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--sap", "--benchmark", "train_mqa.jsonl"]], ids=["rows", "sap_videos"])

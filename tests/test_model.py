@@ -73,7 +73,6 @@ def test_tiny_forward_matches_full_logits_and_trains_everything():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # nothing unused (DDP)
 
 
-
 def test_text_only_batch_still_runs_every_parameter():
     """A batch without video (replay, skipped clips) runs the tower on a blank frame, adding nothing to the loss:
     every rank then runs the same FSDP collectives, and DDP needs no find_unused_parameters."""
@@ -87,6 +86,7 @@ def test_text_only_batch_still_runs_every_parameter():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(batch)["loss"], out["loss"].detach())  # the blank frame adds exactly 0
+
 
 def test_action_hook_writes_kth_row():
     model = tiny(n_action_tokens=3)

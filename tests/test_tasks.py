@@ -203,7 +203,6 @@ def test_missing_video_raises_or_is_skipped(toy_root, ann, tok, spec):
     assert data.collate([item], tok.pad_token_id)["bad"] == 1
 
 
-
 def test_damaged_video_raises_or_is_skipped(toy_root, ann, tok, spec, tmp_path):
     """A file that opens but fails to decode past some point (decord's own error type) is skipped too."""
     segs = [s for s in ann.segments("train") if s.video_id == ann.segments("train")[0].video_id]
@@ -216,6 +215,7 @@ def test_damaged_video_raises_or_is_skipped(toy_root, ann, tok, spec, tmp_path):
     with pytest.raises(RuntimeError, match=rf"cannot decode .*{seg.video_id}\.mp4.*--skip-bad"):
         data.TaskDataset([row], tmp_path, tok, spec, N_FRAMES)[0]
     assert data.TaskDataset([row], tmp_path, tok, spec, N_FRAMES, skip_bad=True)[0]["bad"]
+
 
 def test_bad_training_inputs(toy_root, ann, tmp_path):
     row = dict(mqa_rows(ann.segments("train")[:1])[0], id="P99_99_0")
