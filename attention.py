@@ -1,18 +1,18 @@
-"""Attention statistics of LLaVAction section 4.5, attention maps over frames (figure 4), and metric plots.
+"""Attention statistics of LLaVAction section 4.5 and attention maps over the frames (figure 4).
 
-    python attention.py --ckpt runs/toy --benchmark toy/ek100_mqa_tim_k5.jsonl --n 200 --out runs/toy/attention
+    python attention.py --ckpt runs/toy --benchmark toy/ek100_mqa_tim_k5.jsonl --limit 200
     python attention.py --ckpt runs/toy --clip P13_01_2 --maps          # heatmaps over the frames, PNG
     python attention.py --ckpt runs/toy --compare tiny                   # side by side with an untrained model
-    python attention.py plot runs/toy/eval_mqa/metrics.json --out DIR    # evaluate.py's metrics as PNG bars
 
 Positions in a prompt (data.encode_conversation, prompt only, the answer left out):
-  <|im_start|>user\\n  <video> x V  <action> x A  \\n{question}<|im_end|>\\n<|im_start|>assistant\\n
-- visual tokens: the V = frames * tokens_per_frame + 1 video placeholders (the last is the video's newline);
+  <|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n  <video> x V  <action> x A  \\n{question}<|im_end|>\\n
+  <|im_start|>assistant\\n
+- visual tokens: the V video placeholders (data.py counts them for the checkpoint's layout: T x g(g+1) in the grid
+  layout, whose row newlines are visual tokens too; T x g^2 + 1 in the hf layout, the last being its newline);
 - action tokens: the A (0, 1 or 3) <action> ids right after the last <video> id;
 - text tokens: everything after the last action token up to the end of the prompt: the newline, the question with
-  its options, <|im_end|>, and the generation prompt "\\n<|im_start|>assistant\\n" (T tokens; the chat prefix
-  before the video is not text; with --time-prompt the time instruction opens the question). The answer position
-  is the last of them: it predicts the answer's first token.
+  its options (the time instruction first, where the checkpoint uses it), <|im_end|>, and the generation prompt
+  (T tokens; the chat prefix before the video is not text). The answer position is the last of them.
 Text-visual correlation (paper): attention of the T text rows to the V visual columns (N x T x V, averaged over
 heads, one layer or the mean over layers), max over text -> N x V, then mean and 90th percentile over all N x V.
 Text-action: the same with the action column (N x T x 1), max over text, mean over N (with three action tokens,
@@ -22,20 +22,19 @@ The rows are recomputed by hooks on the attention modules: B x heads x T x L sco
 import argparse
 import json
 import math
+import sys
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen2.modeling_qwen2 import repeat_kv, rotate_half
+from tqdm import tqdm
 
 import data
 import model as model_lib
+import structured
 
-PLOT_WIDTH, PLOT_ROW, PLOT_HEADER = 800, 16, 28  # metric plots: height = PLOT_HEADER + PLOT_ROW * bars + 8
-PLOTS = {"per_verb": "accuracy per verb", "per_noun": "accuracy per noun",
-         "by_difficulty": "accuracy by difficulty level"}  # evaluate.py's metrics.json keys (figure 8, table 8)
 MAP_TITLE, MAP_COLUMNS = 20, 8  # attention-map images: title band in pixels, frames per row
 
 # -----------------------------------------------------------------------------
@@ -57,9 +56,11 @@ def text_attention(m, batch, layers):
     """Head-averaged softmax(q k^T / sqrt(d) + causal mask) of the text rows against all keys, recomputed in
     forward hooks from each chosen layer's hidden_states and position_embeddings (RoPE, GQA as in Qwen2Attention),
     averaged over the layers; returns (B, T_max, V + A) for the visual and action columns, and the positions."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    first, n_visual, text = prompt_positions(ids, m.llava.config.video_token_index, m.action_id,
-                                             m.n_action_tokens)
+    from transformers.models.qwen2.modeling_qwen2 import repeat_kv, rotate_half  # here: a slow import for --help
+
+    inputs = m.lm_inputs(batch)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    first, n_visual, text = prompt_positions(ids, m.llava.config.video_token_index, m.action_id, m.cfg.action_tokens)
     key_pos = torch.arange(ids.shape[1], device=ids.device)
     allowed = (key_pos[None, None, :] <= key_pos[text:, None]) & mask[:, None, :].bool()  # (B, T, L)
     total = 0
@@ -79,10 +80,7 @@ def text_attention(m, batch, layers):
     lm = m.llava.model.language_model
     handles = [lm.layers[i].self_attn.register_forward_hook(hook, with_kwargs=True) for i in layers]
     try:
-        pixels = batch.get("pixel_values_videos")
-        dtype = next(m.llava.parameters()).dtype
-        out = m.llava.model(input_ids=ids, attention_mask=mask, use_cache=False,
-                            pixel_values_videos=None if pixels is None else pixels.to(dtype))
+        out = m.llava.model(**inputs, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -108,41 +106,35 @@ def statistics(text_max, n_visual):
     return stats
 
 
-def option_ids(tokenizer, options):
-    """Each option's answer first token: what the answer position's logits choose between."""
-    return [tokenizer(f"{data.LETTERS[i]}. {o}", add_special_tokens=False).input_ids[0] for i, o in enumerate(options)]
-
-
 @torch.inference_mode()
-def analyse(m, rows, args):
+def analyse(m, rows, args, desc):
     """Run the benchmark rows through the model in batches: statistics, answer rows and the chosen options."""
-    dataset = data.TaskDataset(rows, args.video_root, m.tokenizer, m.spec, args.frames, m.n_action_tokens,
-                               time_prompt=args.time_prompt, with_answer=False)
+    dataset = data.TaskDataset(rows, args.video_root, m.tokenizer, m.spec, args.frames, m.cfg.action_tokens,
+                               time_prompt=m.cfg.time_instruction, with_answer=False)
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.num_workers,
                                          collate_fn=partial(data.collate, pad_id=m.tokenizer.pad_token_id))
     n_layers = m.llava.config.text_config.num_hidden_layers
     layers = range(n_layers) if args.layer == "mean" else [int(args.layer.replace("last", "-1")) % n_layers]
+    letters = structured.letter_token_ids(m.tokenizer, len(rows[0]["options"])).to(m.llava.device)
     text_max, answer, chosen = [], [], []
-    for batch in loader:
-        batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for batch in tqdm(loader, desc=desc):
         att, hidden, (_, n_visual, text) = text_attention(m, batch, layers)
-        top, last_row = reduce_rows(att, batch["attention_mask"], text)
+        top, last_row = reduce_rows(att, batch["attention_mask"].to(att.device), text)
         text_max.append(top.cpu()), answer.append(last_row.cpu())
-        logits = m.llava.lm_head(hidden[torch.arange(len(hidden)), batch["attention_mask"].sum(1) - 1]).float()
-        for i, row_logits in zip(batch["index"].tolist(), logits):
-            chosen.append(int(row_logits[option_ids(m.tokenizer, rows[i]["options"])].argmax()))
+        last = hidden[torch.arange(len(hidden)), batch["attention_mask"].to(hidden.device).sum(1) - 1]
+        chosen += m.llava.lm_head(last)[:, letters].argmax(-1).tolist()
     return statistics(torch.cat(text_max), n_visual), torch.cat(answer), chosen
 
 # -----------------------------------------------------------------------------
 # attention maps over the frames
 
 
-def frame_maps(answer_row, n_frames, tokens_per_frame, frame_hw):
-    """(T, H, W) maps of the answer position's attention to the T x g x g frame tokens (the video newline left
-    out), normalised per clip to sum to 1 and resized to the frame size keeping each frame's share: maps.sum() = 1
-    and maps[t].sum() = the share of frame t."""
-    g = math.isqrt(tokens_per_frame)  # pooled tokens are row-major on a g x g grid per frame
-    grid = answer_row[:n_frames * tokens_per_frame].double().reshape(n_frames, 1, g, g)
+def frame_maps(answer_row, n_frames, spec, frame_hw):
+    """(T, H, W) maps of the answer position's attention to the T x g x g frame tokens (newlines left out: the
+    grid layout's after every row, the hf layout's after the video), normalised per clip to sum to 1 and resized
+    to the frame size keeping each frame's share: maps.sum() = 1 and maps[t].sum() = the share of frame t."""
+    g = spec.grid  # pooled tokens are row-major on a g x g grid per frame
+    grid = answer_row[:n_frames * spec.tokens_per_frame].double().reshape(n_frames, 1, g, -1)[..., :g]
     grid = grid / grid.sum()
     maps = F.interpolate(grid, size=tuple(frame_hw), mode="bilinear", align_corners=False)[:, 0]
     return maps * (grid.sum((1, 2, 3)) / maps.sum((1, 2)).clamp_min(1e-30))[:, None, None]
@@ -170,71 +162,29 @@ def draw_maps(frames, maps, title, path):
 
 
 # -----------------------------------------------------------------------------
-# evaluate.py's metrics as bar charts (figure 8, table 8)
-
-
-def bar_chart(title, bars, path):
-    """Horizontal bars, one per (label, accuracy in [0, 1], count); PLOT_WIDTH x (PLOT_HEADER + PLOT_ROW * n + 8)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (PLOT_WIDTH, PLOT_HEADER + PLOT_ROW * len(bars) + 8), "white")
-    draw, left, right = ImageDraw.Draw(image), 260, PLOT_WIDTH - 60
-    draw.text((8, 6), title, fill="black")
-    for i, (label, acc, count) in enumerate(bars):
-        y = PLOT_HEADER + PLOT_ROW * i
-        draw.text((8, y), f"{label} (n={count})"[:40], fill="black")
-        draw.rectangle([left, y + 2, left + max(1, round(acc * (right - left))), y + PLOT_ROW - 3], fill=(70, 110, 180))
-        draw.text((right + 6, y), f"{100 * acc:.1f}", fill="black")
-    image.save(path)
-
-
-def plot_metrics(metrics_path, out):
-    """{key}_frames{T}.png for key per_verb, per_noun (classes by count, most frequent first) and by_difficulty,
-    for each frame setting of evaluate.py's metrics.json ({"8": {key: {name: {"n", "correct", "accuracy"}}}}; a
-    single setting's dict without the frames level gives {key}.png); missing keys are skipped with a note."""
-    metrics, out = json.loads(Path(metrics_path).read_text()), Path(out)
-    settings = {"": metrics} if any(key in metrics for key in PLOTS) else metrics
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for frames, m in settings.items():
-        for key, title in PLOTS.items():
-            if not m.get(key):
-                print(f"{metrics_path}{f' frames {frames}' if frames else ''} has no {key!r}: no plot")
-                continue
-            bars = [(name, v["accuracy"], v.get("n", v.get("count", 0))) for name, v in m[key].items()]
-            if key != "by_difficulty":
-                bars.sort(key=lambda bar: -bar[2])
-            path = out / f"{key}{f'_frames{frames}' if frames else ''}.png"
-            bar_chart(f"{title}{f', {frames} frames' if frames else ''} ({metrics_path})", bars, path)
-            written.append(path)
-    return written
-
-# -----------------------------------------------------------------------------
 
 
 def load(ckpt, args):
-    """A checkpoint directory (heads as saved) or an alias (fresh; its heads are not used here)."""
-    sizes = (None,) * 3 if (Path(ckpt) / "action.json").exists() else (1, 1, 1)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    m = model_lib.load_model(ckpt, *sizes, n_action_tokens=args.n_action_tokens, random_init=args.random_init,
-                             dtype=dtype)
-    return m.to(args.device).eval()
+    m = model_lib.load_for_eval(ckpt, torch.device(args.device), args.random_init, args.tokenizer, args.cache,
+                                args.action_tokens)
+    return m.to(torch.bfloat16) if args.dtype == "bfloat16" else m
 
 
-def run(ckpt, rows, args, suffix=""):
-    """Statistics of one model over the rows; with --maps, one PNG per clip in {out}/maps."""
-    m = load(ckpt, args)
-    stats, answer, chosen = analyse(m, rows, args)
+def run(m, ckpt, rows, args, suffix=""):
+    """Statistics of one model over the rows (asked in its prompt style); with --maps, one PNG per clip in
+    {out}/maps."""
+    rows = [dict(r, question=data.mqa_question(r["options"], m.cfg.prompt_style)) for r in rows]
+    stats, answer, chosen = analyse(m, rows, args, desc=str(ckpt))
     for row, row_answer, choice in zip(rows, answer, chosen) if args.maps else ():
         frames, _ = data.load_clip(args.video_root, row["video_id"], row["start"], row["end"], args.frames)
-        maps = frame_maps(row_answer, args.frames, m.spec.tokens_per_frame, frames.shape[1:3])
+        maps = frame_maps(row_answer, args.frames, m.spec, frames.shape[1:3])
         truth = row.get("answer_index", -1)
         title = (f"{row['id']} ({ckpt}): chosen {data.LETTERS[choice]}. {row['options'][choice]}"
                  + (f", truth {data.LETTERS[truth]}. {row['options'][truth]}" if truth >= 0 else ""))
         print(title)
         (Path(args.out) / "maps").mkdir(parents=True, exist_ok=True)
         draw_maps(frames, maps, title, Path(args.out) / "maps" / f"{row['id']}{suffix}.png")
-    return dict(stats, ckpt=str(ckpt), layer=args.layer, accuracy=float(np.mean(
+    return dict(stats, ckpt=str(ckpt), layer=args.layer, video_layout=m.spec.layout, accuracy=float(np.mean(
         [c == r.get("answer_index") for c, r in zip(chosen, rows)])))
 
 
@@ -246,49 +196,47 @@ def print_stats(results):
         print(f"{key:28s}" + "".join(f"{r[key]:>26.4g}" if key in r else f"{'n/a':>26s}" for r in results))
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", nargs="?", choices=["stats", "plot"], default="stats",
-                        help="stats: attention statistics (and --maps); plot: draw a metrics.json as PNGs")
-    parser.add_argument("metrics", nargs="?", help="plot: evaluate.py's metrics.json")
-    parser.add_argument("--ckpt", default="runs/toy", help="checkpoint directory, or a base alias such as tiny")
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default="runs/toy", help="a train.py run, an alias (model.py), a folder or hub id")
     parser.add_argument("--compare", help="a second checkpoint or alias, statistics printed side by side")
     parser.add_argument("--benchmark", default="toy/ek100_mqa_tim_k5.jsonl", help="MQA JSONL (mine.py)")
     parser.add_argument("--video-root", default="toy/videos")
-    parser.add_argument("--n", type=int, default=200, help="first n rows of the benchmark")
-    parser.add_argument("--clip", action="append", help="only this sample id (repeatable); --n then ignored")
+    parser.add_argument("--limit", type=int, default=200, help="the first N rows of the benchmark")
+    parser.add_argument("--clip", action="append", help="only this sample id (repeatable); --limit then ignored")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--layer", default="last", help="'last', a layer index (negative counts back) or 'mean'")
     parser.add_argument("--maps", action="store_true", help="write {out}/maps/{id}.png for every selected clip")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
-                        help="DataLoader workers decoding the clips (default: data.DEFAULT_WORKERS)")
-    parser.add_argument("--time-prompt", action="store_true", help="prefix LLaVA-Video's time instruction, as "
-                                                                  "evaluate.py --time-prompt")
-    parser.add_argument("--n-action-tokens", type=int, default=1, help="for an alias (a checkpoint has its own)")
+                        help="DataLoader workers decoding the clips (default: cores / (4 x ranks on the node), at most 4)")
+    parser.add_argument("--action-tokens", type=int, choices=[0, 1, 3], default=1,
+                        help="for a base without heads (a checkpoint with heads has its own)")
     parser.add_argument("--random-init", action="store_true", help="a real alias built from its config")
+    parser.add_argument("--tokenizer", default=None, help="--random-init of an alias: a tokenizer folder, or 'tiny'")
+    parser.add_argument("--cache", default=None, help="folder for checkpoints converted from the LLaVA-NeXT format")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="default: {ckpt}/attention, {ckpt}/attention/clips with --clip "
-                                      "(plot: beside metrics.json, plots/)")
-    args = parser.parse_args()
-    if args.command == "plot" and not args.metrics:
-        parser.error("plot needs the path of a metrics.json")
-    args.out = args.out or str(Path(args.metrics).parent / "plots" if args.command == "plot"
-                               else Path(args.ckpt) / "attention" / ("clips" if args.clip else ""))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1))
-    if args.command == "plot":
-        for path in plot_metrics(args.metrics, args.out):
-            print(f"wrote {path}")
-    else:
-        rows = data.read_jsonl(args.benchmark)
-        rows = [r for r in rows if r["id"] in set(args.clip)] if args.clip else rows[:args.n]
-        if args.clip and len(rows) != len(set(args.clip)):
-            parser.error(f"--clip: {sorted(set(args.clip) - {r['id'] for r in rows})} not in {args.benchmark}")
-        if not rows:
-            parser.error(f"no rows selected from {args.benchmark}")
-        results = [run(args.ckpt, rows, args)] + ([run(args.compare, rows, args, "_compare")] if args.compare else [])
-        print_stats(results)
-        (Path(args.out) / "stats.json").write_text(json.dumps(results if args.compare else results[0], indent=1))
-        print(f"wrote {args.out}/stats.json")
+    parser.add_argument("--out", help="default: {ckpt}/attention, {ckpt}/attention/clips with --clip")
+    args = parser.parse_args(argv)
+    if args.limit < 1:
+        parser.error(f"--limit {args.limit}: no rows to analyse")
+    rows = data.read_jsonl(args.benchmark)
+    rows = [r for r in rows if r["id"] in set(args.clip)] if args.clip else rows[:args.limit]
+    if args.clip and len(rows) != len(set(args.clip)):
+        parser.error(f"--clip: {sorted(set(args.clip) - {r['id'] for r in rows})} not in {args.benchmark}")
+    if not rows:
+        parser.error(f"no rows selected from {args.benchmark}: it is empty")
+    owner = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path("runs") / Path(args.ckpt).name
+    args.out = args.out or str(owner / "attention" / ("clips" if args.clip else ""))
+    models = [(ckpt, load(ckpt, args)) for ckpt in [args.ckpt] + ([args.compare] if args.compare else [])]
+    data.lock_folder(args.out)  # inputs all loaded: from here on this run owns {out}
+    data.write_json_atomic(Path(args.out) / "args.json", vars(args))
+    results = [run(m, ckpt, rows, args, "_compare" if k else "") for k, (ckpt, m) in enumerate(models)]
+    print_stats(results)
+    data.write_json_atomic(Path(args.out) / "stats.json", results if args.compare else results[0])
+    print(f"wrote {args.out}/stats.json")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,41 +1,54 @@
-"""EPIC-KITCHENS-100 data: annotations, action ids, clips, toy kitchens and the training tasks.
+"""EPIC-KITCHENS-100 data: annotations, action ids, clips, the training tasks and their prompts, model inputs.
 
-Everything that knows about files on disk lives here; models, losses and metrics do not. The story:
-annotation CSVs -> Segments and an ActionVocab (action ids as the community numbers them) -> clips decoded
-with decord -> task samples (MQA, prior actions, temporal detection, ...) -> a torch Dataset and collate.
-`python data.py toy --out toy` writes a small EPIC-shaped data set that every other file can run on.
+Everything that knows about files on disk lives here; models, losses and metrics do not (no model import, and
+torch only where tensors are made). The story: annotation CSVs -> Segments and an ActionVocab (action ids as the
+community numbers them) -> clips decoded with decord -> task samples (MQA, prior actions, temporal detection, ...)
+-> token ids, a torch Dataset and collate -> the toy kitchen, an EPIC-shaped data set every other file runs on
+(`python data.py toy --out toy`).
+
+Prompts come in two styles. `official` (the default) is what the authors' code feeds the model and so what their
+released checkpoints and the LLaVA-Video base saw; `paper` is the wording of the paper's appendix C.
 """
 import argparse
-import ast
 import csv
 import json
 import math
 import os
 import re
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 # -----------------------------------------------------------------------------
-# prompts (the paper's appendix C) and special tokens
+# tokens and prompts, verbatim (spaces included) from the authors' code for the official style
 
-VIDEO_TOKEN = "<video>"
-ACTION_TOKEN = "<action>"
+VIDEO_TOKEN, IMAGE_TOKEN, ACTION_TOKEN = "<video>", "<image>", "<action>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML turn markers of the Qwen2 tokenizer
+SYSTEM_PROMPT = "You are a helpful assistant."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-EGO_PROMPT = ("You are seeing this video from egocentric view and you are the person. Your hands are sometimes "
-              "interacting with objects. What action are you doing?")
-ALLO_PROMPT = ("The video is taken from egocentric view. The person's hands are sometimes interacting with objects. "
-               "What action is the person doing?")
-PRIOR_PROMPT = ("{t2:.2f} seconds ago, you started an action {a2}. {t1:.2f} seconds ago, you started an action {a1}. "
+STYLES = ("official", "paper")
+PERSPECTIVES = {  # the ego prefix ends with a space, the allocentric one does not (as released)
+    "ego": "You are seeing this video from egocentric view and you are the person. Your hands are sometimes "
+           "interacting with objects. What action are you doing? ",
+    "allo": "The video is taken from egocentric view. The person's hands are sometimes interacting with objects. "
+            "What action is the person doing?"}
+MQA_INSTRUCTION = "Given multiple choices, format your answer briefly such as 'A. move knife'. "
+MQA_OPTIONS = "Here are the options of actions you are selecting:\n"
+PRIOR_PROMPT = ("{t2} seconds ago, you started an action {a2}. {t1} seconds ago, you started an action {a1}. "
                 "What action are you currently performing? Here are the options of actions you can select:")
-TEMPORAL_PROMPT = ("The provided video contains an action {action} that lasts {duration:.2f} seconds. What is the "
+DIRECT_PROMPT = "What action are you performing? Give a short sentence such as 'move knife'."
+CAPTION_PROMPT = {"official": " Describe in details what you see from the video frames. You must talk in the first "
+                              "person perspective. Try to focus on what you are doing. ",
+                  "paper": "Describe in details what you see from the video frames. Try to focus on what you are doing."}
+TEMPORAL_PROMPT = ("The provided video contains an action '{action}' that lasts {duration} seconds. What is the "
                    "relative start and end time of the action in seconds? Format it as 'start_timestamp: "
                    "end_timestamp' and round to 2 decimal places.")
-DIRECT_PROMPT = "What action are you performing? Give a short sentence such as 'move knife'."
-CAPTION_PROMPT = "Describe in details what you see from the video frames. Try to focus on what you are doing."
+TEMPORAL_FORMS = {"paper": 3.0, "official": 5.0}  # seconds of padding around the action
 TIME_PROMPT = "The provided video lasts for {duration:.3f} seconds, and {frames} frames are uniformly sampled from it."
+PRIOR_MAX_GAP = 3.0  # official: a segment has prior actions only where each gap to the next is at most this
 
 SPLIT_FILES = {"train": "EPIC_100_train.csv", "validation": "EPIC_100_validation.csv"}
 VERB_FILE, NOUN_FILE, ACTIONS_FILE = "EPIC_100_verb_classes.csv", "EPIC_100_noun_classes.csv", "actions.csv"
@@ -84,7 +97,8 @@ class Annotations:
 
     def segments(self, split):
         if split not in self.splits:
-            raise FileNotFoundError(f"no {split} annotations in {self.root}: expected {self.root / SPLIT_FILES.get(split, split + '.csv')}")
+            raise FileNotFoundError(f"no {split} annotations in {self.root}: expected "
+                                    f"{self.root / SPLIT_FILES.get(split, split + '.csv')}")
         return self.splits[split]
 
 
@@ -97,42 +111,49 @@ def parse_time(value):
 
 
 def label_text(verb_key, noun_key):
-    """'put-down', 'maker:coffee' -> 'put-down coffee maker': noun parts reversed, verb hyphen kept."""
-    return f"{verb_key} {' '.join(reversed(noun_key.split(':')))}"
+    """'put-down', 'machine:sous:vide' -> 'put-down sous vide machine': the noun key's first part moves to the end,
+    as the authors build labels ('maker:coffee' -> 'coffee maker'); verbs keep their hyphen."""
+    parts = noun_key.split(":")
+    return f"{verb_key} {' '.join(parts[1:] + parts[:1])}"
+
+
+def read_csv_rows(path, columns):
+    """(fieldnames, rows) of a CSV that must have `columns`; an empty file or one with only a header is an error."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows, fieldnames = list(reader), reader.fieldnames
+    if not fieldnames:
+        raise ValueError(f"{path} is empty; expected a CSV with columns {list(columns)}")
+    missing = [c for c in columns if c not in fieldnames]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; the CSV needs {list(columns)}")
+    if not rows:
+        raise ValueError(f"{path} has a header but no rows")
+    return rows
 
 
 def read_class_keys(path):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"id", "key"} <= rows[0].keys():
-        raise ValueError(f"{path}: expected EPIC class columns 'id,key,...'")
-    keys = {int(r["id"]): r["key"] for r in rows}
+    keys = {int(r["id"]): r["key"] for r in read_csv_rows(path, ("id", "key"))}
     if sorted(keys) != list(range(len(keys))):
         raise ValueError(f"{path}: class ids must be 0..{len(keys) - 1} without gaps")
     return [keys[i] for i in range(len(keys))]
 
 
 def read_segments(path):
-    """The official EPIC CSV unchanged, or the minimal generic one of DESIGN.md (ids made from the row)."""
-    path = Path(path)
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in SEGMENT_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; the CSV needs {list(SEGMENT_COLUMNS)}")
-        segments = []
-        for row_number, row in enumerate(reader, start=2):
-            try:
-                video_id = row["video_id"]
-                segments.append(Segment(
-                    id=row.get("narration_id") or f"{video_id}_{row_number - 2}", video_id=video_id,
-                    participant=row.get("participant_id") or video_id.split("_")[0],
-                    start=parse_time(row["start_timestamp"]), end=parse_time(row["stop_timestamp"]),
-                    narration=row["narration"], verb_class=int(row["verb_class"]), noun_class=int(row["noun_class"])))
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{path}, line {row_number}: {e}") from None
-            if segments[-1].end < segments[-1].start:
-                raise ValueError(f"{path}, line {row_number}: stop_timestamp is before start_timestamp")
+    """The official EPIC CSV unchanged, or the minimal generic one (ids made from the row)."""
+    segments = []
+    for line, row in enumerate(read_csv_rows(path, SEGMENT_COLUMNS), start=2):
+        try:
+            video_id = row["video_id"]
+            segments.append(Segment(
+                id=row.get("narration_id") or f"{video_id}_{line - 2}", video_id=video_id,
+                participant=row.get("participant_id") or video_id.split("_")[0],
+                start=parse_time(row["start_timestamp"]), end=parse_time(row["stop_timestamp"]),
+                narration=row["narration"], verb_class=int(row["verb_class"]), noun_class=int(row["noun_class"])))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}, line {line}: {e}") from None
+        if segments[-1].end < segments[-1].start:
+            raise ValueError(f"{path}, line {line}: stop_timestamp is before start_timestamp")
     return segments
 
 
@@ -143,18 +164,8 @@ def build_action_vocab(pairs, verbs, nouns):
     return ActionVocab(verbs, nouns, arr, [label_text(verbs[v], nouns[n]) for v, n in arr])
 
 
-def write_actions_csv(path, vocab):
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "verb_class", "noun_class", "label"])
-        w.writerows([i, v, n, vocab.labels[i]] for i, (v, n) in enumerate(vocab.pairs))
-    os.replace(tmp, path)
-
-
 def read_actions_csv(path, verbs, nouns):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv_rows(path, ("id", "verb_class", "noun_class"))
     if [int(r["id"]) for r in rows] != list(range(len(rows))):
         raise ValueError(f"{path}: ids must be 0..{len(rows) - 1} in order")
     pairs = np.array([[int(r["verb_class"]), int(r["noun_class"])] for r in rows], dtype=np.int64).reshape(-1, 2)
@@ -177,7 +188,8 @@ def load_annotations(root, splits=("train", "validation")):
         vocab = read_actions_csv(root / ACTIONS_FILE, verbs, nouns)
     else:
         vocab = build_action_vocab([(s.verb_class, s.noun_class) for segs in loaded.values() for s in segs], verbs, nouns)
-        write_actions_csv(root / ACTIONS_FILE, vocab)
+        write_atomic(root / ACTIONS_FILE, "id,verb_class,noun_class,label\n" + "".join(
+            f"{i},{v},{n},{vocab.labels[i]}\n" for i, (v, n) in enumerate(vocab.pairs)))
     narrations = {}
     for split, segs in loaded.items():
         for s in segs:
@@ -220,6 +232,7 @@ def frame_times(start, end, n, jitter=False, rng=None):
 
 _READERS = {}  # (pid, path, size) -> decord reader: consecutive clips mostly come from the same long video
 MAX_READERS = 4
+_WARNED = set()  # files whose first frame is not stamped 0: warned once per process
 # A decord reader keeps two threads busy while it decodes (the caller waits on its decoder thread actively): with
 # more decoding processes than cores/2 they starve each other (two on 2 cores: 2.3 -> 36 ms a clip). Hence the
 # default DataLoader workers per rank: cores / (4 x ranks on the node), at most 4; 4 for one rank on a 16-core GPU
@@ -239,6 +252,12 @@ def open_video(path, video_id, size=None):
         except Exception as e:
             raise RuntimeError(f"cannot read {path} (for {video_id}): {e}; re-encode it to H.264 mp4 or "
                                "pass --skip-bad") from None
+        first = float(reader.get_frame_timestamp(0)[0]) if len(reader) else 0.0
+        if abs(first) > 1e-3 and str(path) not in _WARNED:  # e.g. MPEG-1 streams starting at 0.54 s
+            _WARNED.add(str(path))
+            warnings.warn(f"{path}: its first frame is stamped {first:.3g} s, not 0: decord seeks such files "
+                          "inexactly and can return other frames than asked for; re-encode it to H.264 mp4 "
+                          "(ffmpeg -i IN -c:v libx264 OUT.mp4)", stacklevel=2)
         mine = [k for k in _READERS if k[0] == key[0]]
         if len(mine) >= MAX_READERS:
             del _READERS[mine[0]]
@@ -255,6 +274,7 @@ def video_duration(video_root, video_id):
 
 def load_clip(video_root, video_id, start, end, n_frames, jitter=False, rng=None, size=None):
     """(T, H, W, 3) uint8 frames and how many sample times fell past the video's end (clamped to its last frame).
+    A clip that starts at or after the end is an error, not n copies of the last frame.
 
     Frame indices come from the decoded file's own fps: the CSV's start_frame is at the original 59.94/50 fps.
     `size` (h, w) lets the decoder resize, much cheaper than resizing 1080p frames afterwards.
@@ -270,35 +290,54 @@ def load_clip(video_root, video_id, start, end, n_frames, jitter=False, rng=None
         picks = np.flatnonzero(which == f)
         index = np.round((times[picks] - offset) * reader.get_avg_fps()).astype(np.int64)
         last = len(reader) - 1
-        clamped += int((index > last).sum()) if f == len(files) - 1 else 0
+        if f == len(files) - 1:
+            if start >= offset + len(reader) / reader.get_avg_fps():
+                raise RuntimeError(f"clip {start:.2f}-{end:.2f} s of {video_id} starts after the video ends "
+                                   f"({offset + len(reader) / reader.get_avg_fps():.2f} s in {path}); fix the "
+                                   "row's times or pass --skip-bad")
+            clamped += int((index > last).sum())
         try:
             batch = reader.get_batch(np.clip(index, 0, last).tolist()).asnumpy()
         except Exception as e:  # decord's DECORDError on a damaged file; the reader stays usable
             raise RuntimeError(f"cannot decode frames {index.tolist()} of {path} (for {video_id}): "
-                               f"{str(e).splitlines()[0][:200]}; "
-                               "re-encode it or pass --skip-bad") from None
+                               f"{str(e).splitlines()[0][:200]}; re-encode it or pass --skip-bad") from None
         for i, frame in zip(picks, batch):
             frames[i] = frame
     return np.stack(frames), clamped
 
 
+def preprocess_frames(frames, size, mean, std):
+    """uint8 (T,H,W,3) -> float32 (T,3,S,S) in plain torch (transformers' processors need torchvision, which does
+    not run beside the CPU torch of CI): bicubic resize with antialias, /255, normalised with the tower's mean/std."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2).float()
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    x = x.clamp(0, 255) / 255  # bicubic overshoots; the HF processors resize in uint8 and so clip too
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
 # -----------------------------------------------------------------------------
-# sample files
+# files: atomic writes, JSONL, one process per output folder
 
 
-def mqa_question(options, prompt=EGO_PROMPT):
-    return prompt + "\n" + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+def write_atomic(path, text):
+    """Write the whole file or nothing: a crash never leaves half a file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_jsonl_atomic(path, rows):
-    """Write the whole file or nothing: a crash never leaves half a JSONL behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_json_atomic(path, obj):
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def read_jsonl(path):
@@ -311,6 +350,263 @@ def read_jsonl(path):
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, line {line_number}: not JSON ({e})") from None
     return rows
+
+
+_LOCKS = {}  # folder -> its open lock file: held until the process ends
+
+
+def lock_folder(folder):
+    """Make `folder` and hold an exclusive OS lock on folder/.lock for the rest of this process: it dies with the
+    process, so it is never stale. A second process is refused with the holder's PID and command."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.resolve() in _LOCKS:  # this process holds it already (a second run from Python)
+        return
+    f = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise RuntimeError(f"{folder} is in use by another run ({f.read().strip() or 'pid unknown'}); wait for it "
+                           "to end or pass another --out") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    f.flush()
+    _LOCKS[folder.resolve()] = f
+
+
+# -----------------------------------------------------------------------------
+# training tasks (paper section 3.3) in either prompt style
+#
+# captions (the authors' GPT-4o annotations, in this simple form): {"<narration_id>": {"caption": str,
+# "qa": [[question, answer], ...]}}. Replay: LLaVA conversation JSON, read with read_replay.
+
+
+def mqa_question(options, style="official", perspective="ego", priors=None):
+    """A multiple-choice question over `options`; with priors [(seconds ago, text)] x 2, oldest first, the
+    prior-action form (texts, not classes, so SAP can pass the model's own predictions). official: the prefix,
+    the instruction and the options 'A. text' joined by ', ' on one line; paper: one option a line."""
+    prefix, lettered = PERSPECTIVES[perspective], [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
+    if priors:
+        (t2, a2), (t1, a1) = priors
+        seconds = (lambda t: str(round(t, 2))) if style == "official" else (lambda t: f"{t:.2f}")
+        text = PRIOR_PROMPT.format(t2=seconds(t2), a2=a2, t1=seconds(t1), a1=a1)
+        return f"{prefix}\n{text}\n" + ", ".join(lettered) if style == "official" else text + "\n" + "\n".join(lettered)
+    if style == "official":
+        return prefix + MQA_INSTRUCTION + "\n" + MQA_OPTIONS + ", ".join(lettered)
+    return prefix.rstrip() + "\n" + "\n".join(lettered)
+
+
+def direct_question(style="official", perspective="ego"):
+    return f"{PERSPECTIVES[perspective]} {DIRECT_PROMPT}" if style == "official" else DIRECT_PROMPT
+
+
+def caption_question(style="official", perspective="ego"):
+    return PERSPECTIVES[perspective] + CAPTION_PROMPT[style] if style == "official" else CAPTION_PROMPT[style]
+
+
+def previous_actions(rows, style="official"):
+    """(video id -> its row indices in time order, row index -> the indices of its two prior actions). rows:
+    dicts with video_id, start, end. official (the authors' rule): a video's segments by end time, and a segment
+    has priors only where both gaps (one segment's end to the next one's start) are at most PRIOR_MAX_GAP;
+    paper: by start time, any two predecessors."""
+    videos = {}
+    for i, r in enumerate(rows):
+        videos.setdefault(r["video_id"], []).append(i)
+    order = (lambda i: (rows[i]["end"], rows[i]["start"])) if style == "official" else (
+        lambda i: (rows[i]["start"], rows[i]["end"]))
+    before = {}
+    for idx in videos.values():
+        idx.sort(key=order)
+        for k in range(2, len(idx)):
+            a, b, c = (rows[j] for j in idx[k - 2:k + 1])
+            if style != "official" or (b["start"] - a["end"] <= PRIOR_MAX_GAP and c["start"] - b["end"] <= PRIOR_MAX_GAP):
+                before[idx[k]] = idx[k - 2:k]
+    return videos, before
+
+
+def segment_row(s, task, question, answer, **extra):
+    """A sample row of one segment; its classes are the action heads' labels."""
+    return {"id": s.id, "video_id": s.video_id, "start": s.start, "end": s.end, "task": task, "question": question,
+            "answer": answer, **extra, "verb_class": s.verb_class, "noun_class": s.noun_class,
+            "action_class": s.action_class}
+
+
+def temporal_row(s, rng, form="paper"):
+    """Temporal detection: the clip is the action padded by TEMPORAL_FORMS[form] seconds, alpha ~ U(0, 1) of it
+    before and the rest after (clipped at 0); the answer is where the action lies in the clip. paper: 3 s,
+    'start: end' with 2 decimals; official (the authors' code): 5 s, 'start, end' as str(round(x, 2))."""
+    pad, alpha = TEMPORAL_FORMS[form], rng.uniform()
+    clip_start, clip_end = max(0.0, s.start - alpha * pad), s.end + (1 - alpha) * pad
+    a, b, duration = s.start - clip_start, s.end - clip_start, s.end - s.start
+    if form == "official":
+        answer, duration = f"{round(a, 2)}, {round(b, 2)}", round(duration, 2)
+    else:
+        answer, duration = f"{a:.2f}: {b:.2f}", f"{duration:.2f}"
+    row = segment_row(s, "temporal", TEMPORAL_PROMPT.format(action=s.narration, duration=duration), answer,
+                      action_start=a, action_end=b)
+    row.update(start=clip_start, end=clip_end)
+    return row
+
+
+def read_replay(path, video_root=None):
+    """LLaVA conversation JSON (LLaVA-Video-178K, ...) -> replay rows: the whole video (end None) or text only,
+    every gpt turn supervised. Videos are paths relative to video_root (default: the JSON's folder)."""
+    path = Path(path)
+    rows = []
+    for i, item in enumerate(json.loads(path.read_text())):
+        turns = item.get("conversations", [])
+        if "image" in item or not turns or [t["from"] for t in turns] != ["human", "gpt"] * (len(turns) // 2):
+            raise ValueError(f"{path}, item {i}: expected a video or text sample whose conversations alternate "
+                             "human, gpt (image samples are not supported)")
+        pairs = [[re.sub(r"<(image|video)>\n?", "", q["value"]).strip(), a["value"]] for q, a in
+                 zip(turns[::2], turns[1::2])]
+        row = {"id": str(item.get("id", f"{path.stem}_{i}")), "task": "replay", "question": pairs[0][0],
+               "answer": pairs[0][1], "turns": pairs[1:]}
+        if "video" in item:
+            row.update(video_root=str(video_root or path.parent), video_id=item["video"], start=0.0, end=None)
+        rows.append(row)
+    return rows
+
+
+def build_training_samples(ann, split, mqa_rows, rng, style="official", perspective="ego", prior_ratio=0.3,
+                           temporal="paper", direct=True, captions=None, replay=None, replay_ratio=0.0):
+    """The training mix of one split, every question in `style`. MQA rows (mined with hard distractors) are
+    re-asked from their options; prior_ratio of them, where previous_actions gives the segment two priors,
+    become prior-action MQA. Every segment adds a temporal detection row (form `temporal`, None: none) and a
+    direct prediction row, and a caption and an open-QA row where `captions` (dict or JSON path) has them.
+    Replay rows (read_replay, or a JSON path) are drawn with rng to replay_ratio x the task rows."""
+    segments = ann.segments(split)
+    by_id, (_, before) = {s.id: k for k, s in enumerate(segments)}, previous_actions([vars(s) for s in segments], style)
+    rows = []
+    for m in mqa_rows:
+        if m["id"] not in by_id or "answer" not in m:
+            raise ValueError(f"MQA row {m['id']}: not a {split} segment of {ann.root}, or without an answer "
+                             "(a candidates file?)")
+        k, row = by_id[m["id"]], dict(m, task="mqa", question=mqa_question(m["options"], style, perspective))
+        if rng.uniform() < prior_ratio and k in before:
+            priors = [segments[j] for j in before[k]]
+            row.update(task="prior_mqa", prior_ids=[p.id for p in priors], question=mqa_question(
+                m["options"], style, perspective, [(segments[k].start - p.start, p.narration) for p in priors]))
+        rows.append(row)
+    if isinstance(captions, (str, Path)):
+        captions = json.loads(Path(captions).read_text())
+    for s in segments:
+        if temporal:
+            rows.append(temporal_row(s, rng, temporal))
+        if direct:
+            rows.append(segment_row(s, "direct", direct_question(style, perspective), s.narration))
+        extra = (captions or {}).get(s.id, {})
+        if extra.get("caption"):
+            rows.append(segment_row(s, "caption", caption_question(style, perspective), extra["caption"]))
+        if extra.get("qa"):
+            (q, a), *turns = extra["qa"]
+            rows.append(segment_row(s, "open_qa", q, a, turns=turns))
+    if isinstance(replay, (str, Path)):
+        replay = read_replay(replay)
+    if replay:
+        n = round(replay_ratio * len(rows))
+        rows += [replay[i] for i in rng.choice(len(replay), n, replace=n > len(replay))]
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# model inputs: token ids with loss masks, a Dataset that decodes clips in DataLoader workers, and collate
+
+
+def encode_conversation(tokenizer, question, answer, n_video_tokens, n_action_tokens, turns=()):
+    """ChatML ids and labels, as the authors' Qwen template lays them out:
+        <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
+        <video> x V <action> x A \\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>
+    Labels are -100 everywhere except each answer and its closing <|im_end|>. Pieces are tokenised apart and
+    concatenated, so placeholders go in as ids and the prompt's ids are the same with or without the answer.
+    answer None: the prompt only, ending where the answer would start. turns: further [question, answer]
+    pairs (multi-turn replay and open QA), every answer supervised."""
+    def tok(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    im_start, im_end, video, action = tokenizer.convert_tokens_to_ids([IM_START, IM_END, VIDEO_TOKEN, ACTION_TOKEN])
+    placeholders = [video] * n_video_tokens + [action] * n_action_tokens
+    ids = [im_start, *tok("system\n" + SYSTEM_PROMPT), im_end, *tok("\n")]
+    labels = [-100] * len(ids)
+    for k, (q, a) in enumerate([(question, answer), *turns] if answer is not None else [(question, None)]):
+        head = placeholders if k == 0 else []
+        prompt = (tok("\n") if k else []) + [im_start, *tok("user\n"), *head, *tok(("\n" if head else "") + q),
+                                              im_end, *tok("\n"), im_start, *tok("assistant\n")]
+        reply = [] if a is None else tok(a) + [im_end]
+        ids += prompt + reply
+        labels += [-100] * len(prompt) + reply
+    return ids, labels
+
+
+class TaskDataset:
+    """Rows -> model inputs for torch's DataLoader (a map-style dataset needs only __len__ and __getitem__; not
+    subclassing torch's keeps torch out of `import data` for mine.py). Clips decode here, in the workers. `spec`
+    is the model's vision spec: size, mean, std and video_tokens(n_frames). With time_prompt, video questions
+    open with the time instruction, glued to the question as the authors do. Each item's randomness (frame
+    jitter) comes from (seed, epoch, index): any number of workers, the same batches. Call set_epoch before
+    creating each epoch's iterator (persistent workers would keep an old copy)."""
+
+    def __init__(self, rows, video_root, tokenizer, spec, n_frames, n_action_tokens=1, train=False,
+                 time_prompt=False, skip_bad=False, with_answer=True, seed=0):
+        self.rows, self.video_root, self.tokenizer, self.spec = rows, video_root, tokenizer, spec
+        self.n_frames, self.n_action_tokens, self.train = n_frames, n_action_tokens, train
+        self.time_prompt, self.skip_bad, self.with_answer = time_prompt, skip_bad, with_answer
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        import torch
+
+        row, rng = self.rows[i], np.random.default_rng((self.seed, self.epoch, i))
+        question, pixels, clamped, bad = row["question"], None, 0, None
+        if "video_id" in row:
+            root = row.get("video_root", self.video_root)
+            try:
+                end = row["end"] if row["end"] is not None else video_duration(root, row["video_id"])
+                frames, clamped = load_clip(root, row["video_id"], row["start"], end, self.n_frames,
+                                            jitter=self.train, rng=rng, size=(self.spec.size, self.spec.size))
+                pixels = preprocess_frames(frames, self.spec.size, self.spec.mean, self.spec.std)
+            except (OSError, RuntimeError) as e:
+                if not self.skip_bad:
+                    hint = "" if "--skip-bad" in str(e) else "; pass --skip-bad to go on without such clips"
+                    raise type(e)(f"sample {row['id']}: {e}{hint}") from None
+                bad = f"{type(e).__name__}: {e}"  # kept as a loss-free text sample, counted in the batch's "bad"
+        if pixels is not None and self.time_prompt:
+            question = TIME_PROMPT.format(duration=end - row["start"], frames=self.n_frames) + question
+        n_video = self.spec.video_tokens(self.n_frames) if pixels is not None else 0
+        ids, labels = encode_conversation(self.tokenizer, question, row["answer"] if self.with_answer else None,
+                                          n_video, self.n_action_tokens, row.get("turns", ()))
+        classes = [-100 if bad else row.get(k, -100) for k in ("verb_class", "noun_class", "action_class")]
+        return dict(index=i, input_ids=torch.tensor(ids), labels=torch.tensor([-100] * len(ids) if bad else labels),
+                    pixel_values_videos=pixels, action_labels=torch.tensor(classes), clamped=clamped, bad=bad)
+
+
+def collate(items, pad_id):
+    """Right-pad to the longest row. pixel_values_videos stacks the samples that have video, in batch order
+    (absent when none has): video, text-only and label-free samples mix in one batch."""
+    import torch
+
+    ids = torch.full((len(items), max(len(x["input_ids"]) for x in items)), pad_id, dtype=torch.long)
+    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+    for b, x in enumerate(items):
+        n = len(x["input_ids"])
+        ids[b, :n], labels[b, :n], mask[b, :n] = x["input_ids"], x["labels"], 1
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels,
+                 action_labels=torch.stack([x["action_labels"] for x in items]),
+                 index=torch.tensor([x["index"] for x in items]), clamped=sum(x["clamped"] for x in items),
+                 bad=sum(x["bad"] is not None for x in items))
+    videos = [x["pixel_values_videos"] for x in items if x["pixel_values_videos"] is not None]
+    if videos:
+        batch["pixel_values_videos"] = torch.stack(videos)
+    return batch
 
 
 # -----------------------------------------------------------------------------
@@ -327,10 +623,7 @@ TOY_MOVES = {"take": "moves up", "put": "moves down", "wash": "moves left and ri
 TOY_NARRATIONS = ["{v} {n}", "{v} the {n}", "{v} {n} on counter", "{v} {n} now"]
 # truth bonus, bonus for sharing the verb, for sharing the noun, noise std. About as right as the real ones on
 # EK100 (action top-1 near 0.5, top-5 near 0.85), so the two-stage options are not simply sorted by truth.
-TOY_RECOGNIZERS = {
-    "tim": (1.0, 1.6, 1.0, 1.5),
-    "avion": (1.3, 0.9, 1.8, 1.5),
-}
+TOY_RECOGNIZERS = {"tim": (1.0, 1.6, 1.0, 1.5), "avion": (1.3, 0.9, 1.8, 1.5)}
 
 
 def toy_object_mask(shape, dx, dy, r):
@@ -399,7 +692,7 @@ def simulate_recognizer(segments, vocab, name, rng):
 
 def toy_caption(verb, noun):
     """A GPT-4o-style caption and open QA (captions.json) of what the toy video shows for one action."""
-    words, colour = " ".join(reversed(TOY_NOUNS[noun].split(":"))), TOY_COLOUR_NAMES[noun]
+    words, colour = label_text("", TOY_NOUNS[noun]).strip(), TOY_COLOUR_NAMES[noun]
     move = TOY_MOVES[TOY_VERBS[verb]]
     return {"caption": f"A {colour} {TOY_SHAPES[noun]}, the {words}, {move}: I {TOY_VERBS[verb]} the {words}.",
             "qa": [[f"What colour is the {words}?", colour], ["How does the object move?", move]]}
@@ -416,10 +709,8 @@ def make_toy(out, videos_per_split=(4, 2), segments_per_video=60, n_actions=30, 
     chosen = [all_pairs[i] for i in sorted(rng.choice(len(all_pairs), n_actions, replace=False))]
     popularity = rng.dirichlet(np.full(n_actions, 0.7))  # a long tail, as in EPIC
     for name, keys in ((VERB_FILE, TOY_VERBS), (NOUN_FILE, TOY_NOUNS)):
-        with open(out / name, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "key", "instances", "category"])
-            w.writerows([i, k, str([k]), "toy"] for i, k in enumerate(keys))
+        write_atomic(out / name, "id,key,instances,category\n" + "".join(
+            f"{i},{k},\"['{k}']\",toy\n" for i, k in enumerate(keys)))
     columns = ["narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp",
                "stop_timestamp", "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun", "noun_class",
                "all_nouns", "all_noun_classes"]
@@ -434,7 +725,7 @@ def make_toy(out, videos_per_split=(4, 2), segments_per_video=60, n_actions=30, 
                 v, n = chosen[rng.choice(n_actions, p=popularity)]
                 length = rng.uniform(1.2, 3.0)
                 spans.append((t, t + length, v, n))
-                noun_words = " ".join(reversed(TOY_NOUNS[n].split(":")))
+                noun_words = label_text("", TOY_NOUNS[n]).strip()
                 narration = TOY_NARRATIONS[rng.integers(len(TOY_NARRATIONS))].format(v=TOY_VERBS[v], n=noun_words)
                 rows.append([f"{video_id}_{k}", video_id.split("_")[0], video_id, fmt_time(t), fmt_time(t),
                              fmt_time(t + length), int(t * 59.94) + 1, int((t + length) * 59.94) + 1, narration,
@@ -452,18 +743,17 @@ def make_toy(out, videos_per_split=(4, 2), segments_per_video=60, n_actions=30, 
             w.writerow(columns)
             w.writerows(rows)
     replay += [{"id": f"toy_text_{i}", "conversations": [
-        {"from": "human", "value": f"What colour is a toy {' '.join(reversed(noun.split(':')))}?"},
+        {"from": "human", "value": f"What colour is a toy {label_text('', noun).strip()}?"},
         {"from": "gpt", "value": TOY_COLOUR_NAMES[i]}]} for i, noun in enumerate(TOY_NOUNS)]
-    (out / "captions.json").write_text(json.dumps(captions, indent=1))
-    (out / "replay.json").write_text(json.dumps(replay, indent=1))
-    if (out / ACTIONS_FILE).exists():
-        os.remove(out / ACTIONS_FILE)
+    write_json_atomic(out / "captions.json", captions)
+    write_json_atomic(out / "replay.json", replay)
+    (out / ACTIONS_FILE).unlink(missing_ok=True)
     ann = load_annotations(out)
     train = ann.segments("train")
     for name, head, classes, n_tail in (("EPIC_100_tail_verbs.csv", "verb", [s.verb_class for s in train], 2),
                                         ("EPIC_100_tail_nouns.csv", "noun", [s.noun_class for s in train], 3)):
         tail = np.argsort(np.bincount(classes, minlength=max(classes) + 1), kind="stable")[:n_tail]
-        (out / name).write_text(head + "\n" + "".join(f"{i}\n" for i in sorted(tail)))
+        write_atomic(out / name, head + "\n" + "".join(f"{i}\n" for i in sorted(tail)))
     for name in TOY_RECOGNIZERS:
         for split in ("train", "validation"):
             segs = ann.segments(split)
@@ -472,213 +762,18 @@ def make_toy(out, videos_per_split=(4, 2), segments_per_video=60, n_actions=30, 
     return out
 
 
-# -----------------------------------------------------------------------------
-# training tasks (paper section 3.3): JSONL-style rows from an annotation split, a mined MQA file and extras
-#
-# captions (the authors' GPT-4o annotations, in this simple form): {"<narration_id>": {"caption": str,
-# "qa": [[question, answer], ...]}}. Replay: LLaVA conversation JSON, read with read_replay.
-
-
-def prior_mqa_question(options, priors):
-    """MQA after the two previous actions: priors = [(seconds ago, text)], oldest first. Texts, not classes, so
-    that SAP evaluation can pass the model's own earlier predictions."""
-    (t2, a2), (t1, a1) = priors
-    return mqa_question(options, PRIOR_PROMPT.format(t2=t2, a2=a2, t1=t1, a1=a1))
-
-
-def previous_segments(segments, n=2):
-    """narration id -> the n segments just before it in the same video (by start time), oldest first."""
-    by_video = {}
-    for s in segments:
-        by_video.setdefault(s.video_id, []).append(s)
-    before = {}
-    for segs in by_video.values():
-        segs.sort(key=lambda s: (s.start, s.end))
-        before.update((s.id, segs[i - n:i]) for i, s in enumerate(segs) if i >= n)
-    return before
-
-
-def segment_row(s, task, question, answer, **extra):
-    """A DESIGN.md sample row of one segment; its classes are the action heads' labels."""
-    return {"id": s.id, "video_id": s.video_id, "start": s.start, "end": s.end, "task": task, "question": question,
-            "answer": answer, **extra, "verb_class": s.verb_class, "noun_class": s.noun_class,
-            "action_class": s.action_class}
-
-
-def temporal_row(s, rng, pad_seconds):
-    """Temporal detection: the clip is the action padded by pad_seconds, alpha ~ U(0, 1) of it before and the
-    rest after (clipped at 0); the answer is where the action lies in the clip, as the prompt asks."""
-    alpha = rng.uniform()
-    clip_start, clip_end = max(0.0, s.start - alpha * pad_seconds), s.end + (1 - alpha) * pad_seconds
-    a, b = s.start - clip_start, s.end - clip_start
-    row = segment_row(s, "temporal", TEMPORAL_PROMPT.format(action=s.narration, duration=s.end - s.start),
-                      f"{a:.2f}: {b:.2f}", action_start=a, action_end=b)
-    row.update(start=clip_start, end=clip_end)
-    return row
-
-
-def read_replay(path, video_root=None):
-    """LLaVA conversation JSON (LLaVA-Video-178K, ...) -> replay rows: the whole video (end None) or text only,
-    every gpt turn supervised. Videos are paths relative to video_root (default: the JSON's folder)."""
-    path = Path(path)
-    rows = []
-    for i, item in enumerate(json.loads(path.read_text())):
-        turns = item.get("conversations", [])
-        if "image" in item or not turns or [t["from"] for t in turns] != ["human", "gpt"] * (len(turns) // 2):
-            raise ValueError(f"{path}, item {i}: expected a video or text sample whose conversations alternate "
-                             "human, gpt (image samples are not supported)")
-        pairs = [[re.sub(r"<(image|video)>\n?", "", q["value"]).strip(), a["value"]] for q, a in
-                 zip(turns[::2], turns[1::2])]
-        row = {"id": str(item.get("id", f"{path.stem}_{i}")), "task": "replay", "question": pairs[0][0],
-               "answer": pairs[0][1], "turns": pairs[1:]}
-        if "video" in item:
-            row.update(video_root=str(video_root or path.parent), video_id=item["video"], start=0.0, end=None)
-        rows.append(row)
-    return rows
-
-
-def build_training_samples(ann, split, mqa_rows, rng, prior_ratio=0.3, temporal=True, direct=True,
-                           pad_seconds=3.0, captions=None, replay=None, replay_ratio=0.0, prompt=EGO_PROMPT):
-    """The training mix of one split. MQA rows (mined with hard distractors) are re-asked with `prompt`
-    (ALLO_PROMPT for the allocentric variant); prior_ratio of them, where the video has two earlier actions,
-    become prior-action MQA. Every segment adds a temporal detection and a direct prediction row, and a caption
-    and an open-QA row where `captions` (dict or JSON path) has them. Replay rows (read_replay, or a JSON path)
-    are drawn with rng to replay_ratio x the task rows. pad_seconds: 3 in the paper, 5 in the authors' code."""
-    segments = ann.segments(split)
-    by_id, before = {s.id: s for s in segments}, previous_segments(segments)
-    rows = []
-    for m in mqa_rows:
-        if m["id"] not in by_id or "answer" not in m:
-            raise ValueError(f"MQA row {m['id']}: not a {split} segment of {ann.root}, or without an answer "
-                             "(a candidates file?)")
-        s, row = by_id[m["id"]], dict(m, task="mqa", question=mqa_question(m["options"], prompt))
-        if rng.uniform() < prior_ratio and s.id in before:
-            priors = [(s.start - p.start, p.narration) for p in before[s.id]]
-            row.update(task="prior_mqa", question=prior_mqa_question(m["options"], priors),
-                       prior_ids=[p.id for p in before[s.id]])
-        rows.append(row)
-    if isinstance(captions, (str, Path)):
-        captions = json.loads(Path(captions).read_text())
-    for s in segments:
-        if temporal:
-            rows.append(temporal_row(s, rng, pad_seconds))
-        if direct:
-            rows.append(segment_row(s, "direct", DIRECT_PROMPT, s.narration))
-        extra = (captions or {}).get(s.id, {})
-        if extra.get("caption"):
-            rows.append(segment_row(s, "caption", CAPTION_PROMPT, extra["caption"]))
-        if extra.get("qa"):
-            (q, a), *turns = extra["qa"]
-            rows.append(segment_row(s, "open_qa", q, a, turns=turns))
-    if isinstance(replay, (str, Path)):
-        replay = read_replay(replay)
-    if replay:
-        n = round(replay_ratio * len(rows))
-        rows += [replay[i] for i in rng.choice(len(replay), n, replace=n > len(replay))]
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# model inputs: token ids with loss masks, a Dataset that decodes clips in DataLoader workers, and collate
-
-
-def encode_conversation(tokenizer, question, answer, n_video_tokens, n_action_tokens, turns=()):
-    """ChatML ids and labels: -100 everywhere except each answer and its closing <|im_end|>. Pieces are
-    tokenised apart and concatenated, so placeholders go in as ids and the prompt's ids are the same with or
-    without the answer. answer None: the prompt only, ending where the answer would start. turns: further
-    [question, answer] pairs (multi-turn replay and open QA), every answer supervised."""
-    def tok(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    im_start, im_end, video, action = tokenizer.convert_tokens_to_ids([IM_START, IM_END, VIDEO_TOKEN, ACTION_TOKEN])
-    placeholders = [video] * n_video_tokens + [action] * n_action_tokens
-    ids, labels = [], []
-    for k, (q, a) in enumerate([(question, answer), *turns] if answer is not None else [(question, None)]):
-        head = placeholders if k == 0 else []
-        user = head + tok(("\n" if head else "") + q)
-        prompt = (tok("\n") if k else []) + [im_start, *tok("user\n"), *user, im_end, *tok("\n"), im_start,
-                                              *tok("assistant\n")]
-        reply = [] if a is None else tok(a) + [im_end]
-        ids += prompt + reply
-        labels += [-100] * len(prompt) + reply
-    return ids, labels
-
-
-class TaskDataset:
-    """Rows -> model inputs for torch's DataLoader (a map-style dataset needs only __len__ and __getitem__; not
-    subclassing torch's keeps torch out of `import data` for mine.py). Clips decode here, in the workers. Each
-    item's randomness (frame jitter) comes from (seed, epoch, index): any number of workers, the same batches.
-    Call set_epoch before creating each epoch's iterator (persistent workers would keep an old copy)."""
-
-    def __init__(self, rows, video_root, tokenizer, spec, n_frames, n_action_tokens=1, train=False,
-                 time_prompt=False, skip_bad=False, with_answer=True, seed=0):
-        self.rows, self.video_root, self.tokenizer, self.spec = rows, video_root, tokenizer, spec
-        self.n_frames, self.n_action_tokens, self.train = n_frames, n_action_tokens, train
-        self.time_prompt, self.skip_bad, self.with_answer = time_prompt, skip_bad, with_answer
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        import torch
-        from model import preprocess_frames  # lazily, like torch (model.py itself does not import data.py)
-
-        row, rng = self.rows[i], np.random.default_rng((self.seed, self.epoch, i))
-        question, pixels, clamped, bad = row["question"], None, 0, False
-        if "video_id" in row:
-            root = row.get("video_root", self.video_root)
-            try:
-                end = row["end"] if row["end"] is not None else video_duration(root, row["video_id"])
-                frames, clamped = load_clip(root, row["video_id"], row["start"], end, self.n_frames,
-                                            jitter=self.train, rng=rng, size=(self.spec.size, self.spec.size))
-                pixels = preprocess_frames(frames, self.spec)
-            except (OSError, RuntimeError) as e:
-                if not self.skip_bad:
-                    hint = "" if "--skip-bad" in str(e) else "; pass --skip-bad to go on without such clips"
-                    raise type(e)(f"sample {row['id']}: {e}{hint}") from None
-                bad = True  # kept as a loss-free text sample, counted in the batch's "bad"
-        if pixels is not None and self.time_prompt:
-            question = TIME_PROMPT.format(duration=end - row["start"], frames=self.n_frames) + "\n" + question
-        n_video = self.spec.video_tokens(self.n_frames) if pixels is not None else 0
-        ids, labels = encode_conversation(self.tokenizer, question, row["answer"] if self.with_answer else None,
-                                          n_video, self.n_action_tokens, row.get("turns", ()))
-        classes = [-100 if bad else row.get(k, -100) for k in ("verb_class", "noun_class", "action_class")]
-        return dict(index=i, input_ids=torch.tensor(ids), labels=torch.tensor([-100] * len(ids) if bad else labels),
-                    pixel_values_videos=pixels, action_labels=torch.tensor(classes), clamped=clamped, bad=bad)
-
-
-def collate(items, pad_id):
-    """Right-pad to the longest row. pixel_values_videos stacks the samples that have video, in batch order
-    (absent when none has): video, text-only and label-free samples mix in one batch."""
-    import torch
-
-    ids = torch.full((len(items), max(len(x["input_ids"]) for x in items)), pad_id, dtype=torch.long)
-    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
-    for b, x in enumerate(items):
-        n = len(x["input_ids"])
-        ids[b, :n], labels[b, :n], mask[b, :n] = x["input_ids"], x["labels"], 1
-    batch = dict(input_ids=ids, attention_mask=mask, labels=labels,
-                 action_labels=torch.stack([x["action_labels"] for x in items]),
-                 index=torch.tensor([x["index"] for x in items]), clamped=sum(x["clamped"] for x in items),
-                 bad=sum(int(x["bad"]) for x in items))
-    videos = [x["pixel_values_videos"] for x in items if x["pixel_values_videos"] is not None]
-    if videos:
-        batch["pixel_values_videos"] = torch.stack(videos)
-    return batch
-
-
-if __name__ == "__main__":
+def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["toy"], help="toy: write the toy-kitchen data set")
     parser.add_argument("--out", default="toy", help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--segments-per-video", type=int, default=60)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     root = make_toy(args.out, segments_per_video=args.segments_per_video, seed=args.seed)
     ann = load_annotations(root)
     print(f"toy kitchen in {root}: {len(ann.segments('train'))} train and {len(ann.segments('validation'))} "
           f"validation segments, {len(ann.vocab)} actions, videos in {root / 'videos'}, scores in {root / 'scores'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,26 +1,32 @@
-"""Evaluation CLI: EK100-MQA, two-stage recognition, multi-round appending, and sequential action prediction.
+"""Evaluation CLI: EK100-MQA, two-stage recognition, multi-round appending, sequential action prediction, plots.
 
     python evaluate.py --mode mqa --ckpt runs/toy --frames 8 16
-    python evaluate.py --mode two_stage --topk 20 --ckpt runs/toy
+    python evaluate.py --mode mqa --score text                   # options scored by their text, not their letter
+    python evaluate.py --mode two_stage --topk 20 --ckpt llavaction-7b --annotations EPIC --video-root VIDEOS
     python evaluate.py --mode multi_round --ckpt runs/toy
     python evaluate.py --mode mqa --sap --ckpt runs/toy
-    torchrun --nproc_per_node 8 evaluate.py --mode two_stage --base llava-video-7b
+    python evaluate.py --plot runs/toy/eval_mqa/metrics.json     # per-verb / per-noun / difficulty PNGs
+    torchrun --nproc_per_node 8 evaluate.py --mode two_stage --ckpt MLAdaptiveIntelligence/LLaVAction-7B ...
 
-mqa scores the lettered options of a mined benchmark (mine.py); two_stage asks the same question over the
-recognizer's top-K actions (truth not added) and maps the chosen letter back to an action; multi_round scores
-every action label as the answer to DIRECT_PROMPT (structured.score_candidates). --sap replaces the question
-with the prior-action prompt filled with the model's OWN two previous predictions in that video (the first two
-segments of a video keep the plain question); videos are processed in time order, batches across videos.
+mqa asks the lettered options of a mined benchmark (mine.py); two_stage asks the same question over the
+recognizer's top-K actions (truth not added, shuffled with --seed) and maps the answer back to an action;
+multi_round scores every action label as the answer to the direct-prediction question. Options are read by
+--score: letter (the next-token logits of the K letters, the paper's protocol), text (each option's text as the
+whole answer, its mean token log-likelihood: over the recognizer's top-K this is multi-round appending restricted
+to those K) or generate (greedy decoding and the first letter found, as the authors evaluate). --sap replaces the
+question with the prior-action form filled with the model's OWN two previous predictions in that video.
+Questions are rebuilt from the options in the checkpoint's prompt style, with its time instruction.
 
-Each rank appends finished samples to {out}/frames{T}/predictions.rank{r}.jsonl, so a killed run resumes and
-skips what is done; rank 0 then merges them into {out}/frames{T}/predictions.jsonl and writes {out}/metrics.json
-(one entry per --frames setting) atomically, with the resolved flags in {out}/args.json.
+Each rank appends finished samples to {out}/frames{T}/predictions.rank{r}.jsonl, so a killed run resumes; rank 0
+merges them into {out}/frames{T}/predictions.jsonl and merges {out}/metrics.json (one entry per --frames setting),
+with the resolved flags in {out}/args.json. One run at a time owns {out} (an OS lock).
 """
 import argparse
 import csv
 import json
 import os
-from collections import defaultdict
+import sys
+from collections import Counter, defaultdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,16 +38,18 @@ from tqdm import tqdm
 
 import data
 import mine
+import model as model_lib
 import structured
-from model import load_model
 
-MODES = ("mqa", "two_stage", "multi_round")
-N_PRIORS = 2  # the prior-action prompt names the two previous actions
+MODES, SCORES = ("mqa", "two_stage", "multi_round"), ("letter", "text", "generate")
 # flags that change what a prediction is: a resumed run must agree on them with the predictions already written
-RESUME_KEYS = ("mode", "ckpt", "base", "random_init", "annotations", "split", "benchmark", "scores", "topk", "text",
-               "sap", "time_prompt")
-MQA_FIELDS = ("id", "video_id", "start", "end", "question", "options", "answer_index", "option_actions",
-              "verb_class", "noun_class", "action_class")
+RESUME_KEYS = ("mode", "ckpt", "random_init", "annotations", "split", "benchmark", "scores", "candidates", "topk", "text",
+               "seed", "sap", "score", "reduce", "prompt_style", "perspective", "time_prompt")
+MQA_FIELDS = ("id", "video_id", "start", "end", "options", "answer_index", "option_actions", "verb_class",
+              "noun_class", "action_class")
+PAST_END = "starts after the video ends"  # load_clip's reason for a clip outside its video
+PLOTS = {"per_verb": "accuracy per verb", "per_noun": "accuracy per noun", "by_difficulty": "accuracy by difficulty level"}
+PLOT_WIDTH, PLOT_ROW, PLOT_HEADER = 800, 16, 28  # metric plots: height = PLOT_HEADER + PLOT_ROW * bars + 8
 
 # -----------------------------------------------------------------------------
 # distributed setup (a plain `python evaluate.py` is rank 0 of 1)
@@ -63,7 +71,7 @@ def barrier():
         dist.barrier()
 
 # -----------------------------------------------------------------------------
-# samples to evaluate, one dict per segment (DESIGN.md's sample rows)
+# samples to evaluate, one dict per segment
 
 
 def benchmark_rows(path):
@@ -81,27 +89,37 @@ def benchmark_rows(path):
     return rows
 
 
-def two_stage_rows(ann, split, scores_path, topk, text):
-    """Stage one: the recognizer's top-K actions in rank order, the truth NOT added (mine.py --topk --no-truth)."""
-    return mine.mine(ann, split, mine.read_scores(scores_path, ann, split), topk=topk, text=text)
+def two_stage_rows(ann, args):
+    """Stage one: the recognizer's top-K actions, the truth NOT added, from its scores or from mine.py --topk's
+    candidate file, shuffled with --seed before lettering (in rank order the truth is option A on about half the
+    rows, so a model answering A would score like the recognizer's top-1); option_ranks keeps each one's rank."""
+    if args.candidates:
+        rows = benchmark_rows(args.candidates)
+        ids = {s.id for s in ann.segments(args.split)}
+        if any(r["id"] not in ids for r in rows):
+            raise ValueError(f"{args.candidates} holds rows that are not {args.split} segments of {ann.root}")
+    else:
+        rows = mine.mine(ann, args.split, mine.read_scores(args.scores, ann, args.split), topk=args.topk, text=args.text)
+    rng = np.random.default_rng(args.seed)
+    for r in rows:
+        order = rng.permutation(len(r["options"])).tolist()
+        truth = r["answer_index"]
+        r.update(options=[r["options"][j] for j in order], option_actions=[r["option_actions"][j] for j in order],
+                 option_ranks=order, answer_index=order.index(truth) if truth >= 0 else -1)
+    return rows
 
 
-def multi_round_rows(ann, split):
-    return [{"id": s.id, "video_id": s.video_id, "start": s.start, "end": s.end, "question": data.DIRECT_PROMPT,
-             "verb_class": s.verb_class, "noun_class": s.noun_class, "action_class": s.action_class}
-            for s in ann.segments(split)]
+def multi_round_rows(ann, args):
+    return [{"id": s.id, "video_id": s.video_id, "start": s.start, "end": s.end, "verb_class": s.verb_class,
+             "noun_class": s.noun_class, "action_class": s.action_class} for s in ann.segments(args.split)]
 
 
-def previous_rows(rows):
-    """For SAP: video id -> its row indices in time order, and row index -> the N_PRIORS rows just before it."""
-    videos = defaultdict(list)
-    for i, r in enumerate(rows):
-        videos[r["video_id"]].append(i)
-    before = {}
-    for idx in videos.values():
-        idx.sort(key=lambda i: (rows[i]["start"], rows[i]["end"]))
-        before.update((i, idx[k - N_PRIORS:k]) for k, i in enumerate(idx) if k >= N_PRIORS)
-    return videos, before
+def ask(rows, args):
+    """The question of every row in the run's prompt style (a benchmark's stored question is not used)."""
+    for r in rows:
+        r["question"] = (data.direct_question(args.prompt_style, args.perspective) if args.mode == "multi_round"
+                         else data.mqa_question(r["options"], args.prompt_style, args.perspective))
+    return rows
 
 # -----------------------------------------------------------------------------
 # prediction files: append line by line, resume, merge
@@ -143,25 +161,20 @@ def merge_predictions(folder, rows):
         path.unlink()
     return preds
 
-
-def write_json_atomic(path, obj):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
 # -----------------------------------------------------------------------------
 # batches and scoring
 
 
-def plan_batches(rows, done, rank, world, batch_size, sap):
-    """This rank's batches (lists of row indices) over the unfinished rows. Plain: rows dealt round-robin. SAP:
-    whole videos dealt round-robin, and wave t (each video's t-th unfinished segment, in time order) is cut into
-    batches, so a video never has two segments in one batch and its earlier predictions exist when needed."""
+def plan_batches(rows, done, rank, world, batch_size, sap, style):
+    """This rank's batches (lists of row indices) over the rows without a prediction (skipped ones are retried).
+    Plain: rows dealt round-robin. SAP: whole videos dealt round-robin, and wave t (each video's t-th unfinished
+    segment, in time order) is cut into batches, so a video never has two segments in one batch and its earlier
+    predictions exist when needed."""
     todo = [i for i, r in enumerate(rows) if r["id"] not in done]
     if not sap:
         share = todo[rank::world]
         return [share[i:i + batch_size] for i in range(0, len(share), batch_size)]
-    videos, _ = previous_rows(rows)
+    videos, _ = data.previous_actions(rows, style)
     waves = defaultdict(list)
     for vid in sorted(videos)[rank::world]:
         for t, i in enumerate(i for i in videos[vid] if rows[i]["id"] not in done):
@@ -169,74 +182,84 @@ def plan_batches(rows, done, rank, world, batch_size, sap):
     return [w[i:i + batch_size] for t, w in sorted(waves.items()) for i in range(0, len(w), batch_size)]
 
 
-def sap_prompt(model, item, row, priors, frames, time_prompt):
+def sap_item(model, item, row, priors, args, frames):
     """Re-tokenise a decoded item with the prior-action question (the workers ran ahead of the predictions)."""
-    question = data.prior_mqa_question(row["options"], priors)
-    if item["pixel_values_videos"] is not None and time_prompt:  # as TaskDataset does
-        question = data.TIME_PROMPT.format(duration=row["end"] - row["start"], frames=frames) + "\n" + question
+    question = data.mqa_question(row["options"], args.prompt_style, args.perspective, priors)
+    if item["pixel_values_videos"] is not None and args.time_prompt:  # as TaskDataset does
+        question = data.TIME_PROMPT.format(duration=row["end"] - row["start"], frames=frames) + question
     n_video = model.spec.video_tokens(frames) if item["pixel_values_videos"] is not None else 0
-    ids, _ = data.encode_conversation(model.tokenizer, question, None, n_video, model.n_action_tokens)
+    ids, _ = data.encode_conversation(model.tokenizer, question, None, n_video, model.cfg.action_tokens)
     return dict(item, input_ids=torch.tensor(ids), labels=torch.full((len(ids),), -100))
 
 
-def predict(model, rows, batches, mode, frames, video_root, vocab=None, num_workers=0, skip_bad=False,
-            time_prompt=False, sap=False, done=None, chunk=256):
+def predict(model, rows, batches, frames, vocab, args, done):
     """Yield one prediction dict per row of `batches`, in order. Workers decode clips (TaskDataset); each batch
-    of clips is one scoring forward. With sap, `done` (id -> prediction) supplies and collects the priors."""
-    dataset = data.TaskDataset(rows, video_root, model.tokenizer, model.spec, frames, model.n_action_tokens,
-                               time_prompt=time_prompt, skip_bad=skip_bad, with_answer=False)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=list,
-                        prefetch_factor=4 if num_workers else None)
-    before = previous_rows(rows)[1] if sap else {}
-    if mode == "multi_round":
+    of clips is one scoring pass. With --sap, `done` (id -> prediction) supplies and collects the priors."""
+    dataset = data.TaskDataset(rows, args.video_root, model.tokenizer, model.spec, frames, model.cfg.action_tokens,
+                               time_prompt=args.time_prompt, skip_bad=args.skip_bad, with_answer=False)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, collate_fn=list,
+                        prefetch_factor=4 if args.num_workers else None)
+    before = data.previous_actions(rows, args.prompt_style)[1] if args.sap else {}
+    if args.mode == "multi_round":
         candidates = structured.candidate_token_ids(model.tokenizer, vocab.labels)
     for items in loader:
         priors = []
         for b, item in enumerate(items):
             row, prev = rows[item["index"]], [done.get(rows[j]["id"]) for j in before.get(item["index"], [])]
-            ok = len(prev) == N_PRIORS and all(p and not p.get("bad") for p in prev)
+            ok = len(prev) == 2 and all(p and p.get("pred_text") for p in prev)
             priors.append([(round(row["start"] - p["start"], 3), p["pred_text"]) for p in prev] if ok else None)
             if ok:
-                items[b] = sap_prompt(model, item, row, priors[-1], frames, time_prompt)
-        batch = data.collate(items, model.tokenizer.pad_token_id)
-        if mode == "multi_round":  # candidates are all labels in id order: the best one is the action id
-            scores = structured.score_candidates(model, batch, candidates, chunk=chunk).cpu()
-            choice = action = structured.choose(scores)
+                items[b] = sap_item(model, item, row, priors[-1], args, frames)
+        batch, batch_rows = data.collate(items, model.tokenizer.pad_token_id), [rows[x["index"]] for x in items]
+        generated = [None] * len(items)
+        if args.mode == "multi_round":  # candidates are all labels in id order: the best one is the action id
+            scores = structured.score_candidates(model, batch, candidates, args.chunk, args.reduce).cpu()
+        elif args.score == "text":
+            scores = structured.score_option_texts(model, batch, [r["options"] for r in batch_rows], args.chunk,
+                                                   args.reduce).cpu()
+        elif args.score == "generate":
+            generated, scores = structured.generate_answer(model, batch), None
         else:
-            scores = structured.score_options(model, batch, len(rows[items[0]["index"]]["options"])).cpu()
-            choice = structured.choose(scores)
-            action = structured.map_choice_to_action(choice, [rows[x["index"]]["option_actions"] for x in items])
-        for b, item in enumerate(items):
-            pred = prediction_row(rows[item["index"]], frames, item, int(choice[b]), int(action[b]),
-                                  scores[b], vocab, mode, priors[b])
-            if done is not None:
-                done[pred["id"]] = pred
+            scores = structured.score_options(model, batch, len(batch_rows[0]["options"])).cpu()
+        for b, (item, row) in enumerate(zip(items, batch_rows)):
+            pred = prediction_row(row, item, frames, None if scores is None else scores[b], generated[b], vocab,
+                                  args.mode, priors[b])
+            done[pred["id"]] = pred
             yield pred
 
 
-def prediction_row(row, frames, item, choice, action, scores, vocab, mode, priors):
-    """What was asked, what came out, the truth: enough to recompute every metric from the file alone."""
+def prediction_row(row, item, frames, scores, generated, vocab, mode, priors):
+    """What was asked, what came out, the truth: enough to recompute every metric, ensemble or calibrate from
+    the file alone. MQA / two-stage: option_scores over the K options (letter: log-probs normalised over the K
+    letters; text: mean token log-likelihoods), or the generated text; multi-round: the top 5 actions."""
     pred = {"id": row["id"], "video_id": row["video_id"], "start": row["start"], "frames": frames}
     if item["bad"]:
-        return dict(pred, bad=True)
+        return dict(pred, bad=item["bad"])
     if mode == "multi_round":
-        pred.update(pred_action=action, pred_text=vocab.labels[action], score=round(float(scores[action]), 5))
+        top = scores.topk(min(5, len(scores)))
+        action = choice = int(top.indices[0])
+        pred.update(pred_action=action, pred_text=vocab.labels[action],
+                    top5=[[int(a), round(float(s), 5)] for a, s in zip(top.indices, top.values)])
     else:
-        pred.update(choice=choice, pred_action=action, pred_text=row["options"][choice],
-                    scores=[round(s, 5) for s in scores.tolist()], answer_index=row["answer_index"])
-    if vocab is not None:
-        pred.update(pred_verb=int(vocab.pairs[action, 0]), pred_noun=int(vocab.pairs[action, 1]))
-    pred.update(verb_class=row["verb_class"], noun_class=row["noun_class"], action_class=row["action_class"],
-                clamped=item["clamped"],
+        choice = int(scores.argmax()) if generated is None else structured.parse_letter(generated, len(row["options"]))
+        action = row["option_actions"][choice] if choice >= 0 else -1
+        pred.update(choice=choice, pred_action=action, pred_text=row["options"][choice] if choice >= 0 else None,
+                    answer_index=row["answer_index"])
+        pred.update({"generated": generated} if generated is not None else
+                    {"option_scores": [round(s, 5) for s in scores.tolist()]})
+        if mode == "two_stage":
+            pred.update(option_ranks=row["option_ranks"],
+                        recognizer_top1=row["option_actions"][row["option_ranks"].index(0)])
+    verb, noun = (int(x) for x in vocab.pairs[action]) if action >= 0 else (-1, -1)
+    pred.update(pred_verb=verb, pred_noun=noun, verb_class=row["verb_class"], noun_class=row["noun_class"],
+                action_class=row["action_class"], clamped=item["clamped"],
                 correct=choice == row["answer_index"] if mode == "mqa" else action == row["action_class"])
-    if mode == "two_stage":
-        pred["recognizer_top1"] = row["option_actions"][0]
     if priors is not None:
         pred["priors"] = priors
     return pred
 
 # -----------------------------------------------------------------------------
-# metrics
+# metrics and their plots
 
 
 def read_tail_classes(root):
@@ -254,8 +277,8 @@ def read_ratings(path):
         return {str(k): str(v) for k, v in json.loads(Path(path).read_text()).items()}
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        id_col = next((c for c in ("narration_id", "id") if c in reader.fieldnames), None)
-        level_col = next((c for c in ("level", "difficulty") if c in reader.fieldnames), None)
+        id_col = next((c for c in ("narration_id", "id") if c in (reader.fieldnames or [])), None)
+        level_col = next((c for c in ("level", "difficulty") if c in (reader.fieldnames or [])), None)
         if not id_col or not level_col:
             raise ValueError(f"{path}: expected columns narration_id (or id) and level (or difficulty)")
         return {r[id_col]: r[level_col] for r in reader}
@@ -273,51 +296,91 @@ def grouped(keys, correct):
 def compute_metrics(preds, vocab, tails=None, ratings=None):
     """Accuracy (the mode's: chosen letter for mqa, action top-1 otherwise); verb, noun and action top-1; head/tail
     with EPIC's tail classes (verb and noun by their own class; an action is head when its verb AND its noun are
-    head, tail otherwise); per-verb and per-noun accuracy (figure 8); by difficulty level (table 8)."""
+    head, tail otherwise); per-verb and per-noun accuracy (figure 8); by difficulty level (table 8); skipped
+    samples by reason, clamped frames, unparsed answers (--score generate)."""
     good = [p for p in preds if not p.get("bad")]
-    m = {"n": len(good), "skipped_bad": len(preds) - len(good)}
+    reasons = Counter("past the video's end" if PAST_END in p["bad"] else "unreadable" for p in preds if p.get("bad"))
+    m = {"n": len(good), "skipped_bad": len(preds) - len(good), "skipped_by_reason": dict(reasons)}
     if not good:
         return m
     col = {k: np.array([p[k] for p in good]) for k in ("correct", "pred_verb", "pred_noun", "pred_action",
                                                         "verb_class", "noun_class", "action_class")}
     hit = {k: col[f"pred_{k}"] == col[f"{k}_class"] for k in ("verb", "noun", "action")}
     m.update(accuracy=float(col["correct"].mean()), verb_top1=float(hit["verb"].mean()),
-             noun_top1=float(hit["noun"].mean()), action_top1=float(hit["action"].mean()))
+             noun_top1=float(hit["noun"].mean()), action_top1=float(hit["action"].mean()),
+             clamped_frames=int(sum(p["clamped"] for p in good)))
+    if "choice" in good[0]:
+        m["unparsed"] = sum(p["choice"] < 0 for p in good)
     if "recognizer_top1" in good[0]:
         m["recognizer_top1"] = float(np.mean([p["recognizer_top1"] == p["action_class"] for p in good]))
         m["topk_recall"] = float(np.mean([p["answer_index"] >= 0 for p in good]))
-        m["topk"] = len(good[0]["scores"])
-    m["clamped_frames"] = int(sum(p["clamped"] for p in good))
     if tails is not None:
-        tail_verb = np.isin(col["verb_class"], list(tails[0]))
-        tail_noun = np.isin(col["noun_class"], list(tails[1]))
+        tail_verb, tail_noun = np.isin(col["verb_class"], list(tails[0])), np.isin(col["noun_class"], list(tails[1]))
         split = {"verb": tail_verb, "noun": tail_noun, "action": tail_verb | tail_noun}
         m["head_tail"] = {k: grouped(np.where(split[k], "tail", "head"), hit[k]) for k in split}
     m["per_verb"] = {vocab.verbs[int(k)]: v for k, v in grouped(col["verb_class"], hit["verb"]).items()}
     m["per_noun"] = {vocab.nouns[int(k)]: v for k, v in grouped(col["noun_class"], hit["noun"]).items()}
     if ratings is not None:
-        levels = np.array([ratings.get(p["id"], "unrated") for p in good])
-        m["by_difficulty"] = grouped(levels, col["correct"])
+        m["by_difficulty"] = grouped(np.array([ratings.get(p["id"], "unrated") for p in good]), col["correct"])
     return m
 
+
+def bar_chart(title, bars, path):
+    """Horizontal bars, one per (label, accuracy in [0, 1], count); PLOT_WIDTH x (PLOT_HEADER + PLOT_ROW * n + 8)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (PLOT_WIDTH, PLOT_HEADER + PLOT_ROW * len(bars) + 8), "white")
+    draw, left, right = ImageDraw.Draw(image), 260, PLOT_WIDTH - 60
+    draw.text((8, 6), title, fill="black")
+    for i, (label, acc, count) in enumerate(bars):
+        y = PLOT_HEADER + PLOT_ROW * i
+        draw.text((8, y), f"{label} (n={count})"[:40], fill="black")
+        draw.rectangle([left, y + 2, left + max(1, round(acc * (right - left))), y + PLOT_ROW - 3], fill=(70, 110, 180))
+        draw.text((right + 6, y), f"{100 * acc:.1f}", fill="black")
+    image.save(path)
+
+
+def plot_metrics(metrics_path, out):
+    """{key}_frames{T}.png for key per_verb, per_noun (classes by count, most frequent first) and by_difficulty,
+    for each frames setting of a metrics.json ({"8": {key: {name: {"n", "correct", "accuracy"}}}}; a single
+    setting's dict without the frames level gives {key}.png); missing keys are skipped with a note."""
+    metrics, out = json.loads(Path(metrics_path).read_text()), Path(out)
+    settings = {"": metrics} if any(key in metrics for key in PLOTS) else metrics
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for frames, m in settings.items():
+        for key, title in PLOTS.items():
+            if not m.get(key):
+                print(f"{metrics_path}{f' frames {frames}' if frames else ''} has no {key!r}: no plot")
+                continue
+            bars = [(name, v["accuracy"], v["n"]) for name, v in m[key].items()]
+            if key != "by_difficulty":
+                bars.sort(key=lambda bar: -bar[2])
+            path = out / f"{key}{f'_frames{frames}' if frames else ''}.png"
+            bar_chart(f"{title}{f', {frames} frames' if frames else ''} ({metrics_path})", bars, path)
+            written.append(path)
+    return written
+
 # -----------------------------------------------------------------------------
-# one --frames setting end to end, and train.py's in-training check
+# one --frames setting end to end
 
 
-def evaluate_setting(model, rows, folder, mode, frames, video_root, vocab, rank=0, world=1, batch_size=8,
-                     num_workers=0, skip_bad=False, time_prompt=False, sap=False, chunk=256):
-    """Predict what is not yet in `folder`, this rank's share, appending line by line; rank 0 merges the shards
-    and returns the predictions (other ranks None)."""
-    folder = Path(folder)
+def evaluate_setting(model, rows, folder, frames, vocab, args, rank=0, world=1):
+    """Predict what is not yet in `folder` (skipped samples again), this rank's share, appending line by line;
+    rank 0 merges the shards and returns the predictions (other ranks None)."""
     folder.mkdir(parents=True, exist_ok=True)
-    done = read_predictions(folder)
+    found = read_predictions(folder)
+    done = {i: p for i, p in found.items() if not p.get("bad")}
     barrier()  # every rank has read the shards before any rank appends to its own
-    batches = plan_batches(rows, done, rank, world, batch_size, sap)
-    total = sum(map(len, batches))
+    ids = {r["id"] for r in rows}
+    if rank == 0 and found:
+        retried = sum(1 for i, p in found.items() if p.get("bad") and i in ids)
+        print(f"{folder}: {sum(i in ids for i in done)} predictions found, {len(ids - done.keys())} to go"
+              + (f" ({retried} skipped before, retried)" if retried else ""))
+    batches = plan_batches(rows, done, rank, world, args.batch_size, args.sap, args.prompt_style)
     with open_shard(folder / f"predictions.rank{rank}.jsonl") as f:
-        for pred in tqdm(predict(model, rows, batches, mode, frames, video_root, vocab, num_workers, skip_bad,
-                                 time_prompt, sap, done, chunk), total=total, disable=rank != 0,
-                         desc=f"{mode} frames={frames}"):
+        for pred in tqdm(predict(model, rows, batches, frames, vocab, args, done), total=sum(map(len, batches)),
+                         disable=rank != 0, desc=f"{args.mode} frames={frames}"):
             f.write(json.dumps(pred) + "\n")
             f.flush()
     barrier()
@@ -326,128 +389,116 @@ def evaluate_setting(model, rows, folder, mode, frames, video_root, vocab, rank=
     return preds
 
 
-@torch.no_grad()
-def evaluate_mqa(model, rows, video_root, frames, batch_size=8, num_workers=0, skip_bad=False, time_prompt=False):
-    """MQA accuracy without files, for train.py. Inside torchrun each rank scores rows[rank::world], padded with
-    repeats (not counted) to the same number of batches so FSDP's per-forward collectives line up; the counts
-    are summed over ranks."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    share = list(range(rank, len(rows), world))
-    padded = share + [i % len(rows) for i in range(-(-len(rows) // world) - len(share))]
-    batches = [padded[i:i + batch_size] for i in range(0, len(padded), batch_size)]
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=model.llava.device)  # correct, n, bad
-    for k, pred in enumerate(predict(model, rows, batches, "mqa", frames, video_root, num_workers=num_workers,
-                                     skip_bad=skip_bad, time_prompt=time_prompt)):
-        if k < len(share):
-            counts += torch.tensor([pred.get("correct", 0), not pred.get("bad"), bool(pred.get("bad"))],
-                                   dtype=torch.float64, device=counts.device)
-    model.train(was_training)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    correct, n, bad = counts.tolist()
-    return dict(accuracy=correct / max(n, 1), n=int(n), skipped_bad=int(bad))
-
-# -----------------------------------------------------------------------------
-# model loading
+def summary(args, frames, m):
+    extra = (f", recognizer top-1 {m['recognizer_top1']:.4f}, top-{m['options']} recall {m['topk_recall']:.4f}"
+             if "recognizer_top1" in m else "")
+    how = f"multi-round ({args.reduce})" if args.mode == "multi_round" else f"{args.score} scoring"
+    reasons = ", ".join(f"{n} {why}" for why, n in m["skipped_by_reason"].items())
+    return (f"{args.mode}{' sap' if args.sap else ''} frames={frames}, {how}: accuracy {m.get('accuracy', 0):.4f} on "
+            f"{m['n']} samples; verb {m.get('verb_top1', 0):.4f}, noun {m.get('noun_top1', 0):.4f}, action "
+            f"{m.get('action_top1', 0):.4f}{extra}; {m['skipped_bad']} skipped{f' ({reasons})' if reasons else ''}, "
+            f"{m.get('clamped_frames', 0)} frames clamped at a video's end"
+            + (f"; {m['unparsed']} answers without a letter" if m.get("unparsed") else ""))
 
 
-def load_for_eval(ckpt, base, random_init, vocab, device):
-    """A trained checkpoint (its heads are not used here), or with --base a base model with no action token:
-    zero-shot. bf16 on GPU, fp32 on CPU."""
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    sizes = (len(vocab.verbs), len(vocab.nouns), len(vocab))
-    if base:
-        model = load_model(base, *sizes, n_action_tokens=0, random_init=random_init, dtype=dtype, device=device)
-    else:
-        if not (Path(ckpt) / "config.json").exists():
-            raise FileNotFoundError(f"checkpoint {ckpt} holds no LLaVA weights (no {Path(ckpt) / 'config.json'}); "
-                                    "train one with train.py, or evaluate a base model zero-shot with --base")
-        has_heads = (Path(ckpt) / "action.json").exists()  # a plain LLaVA directory gets no action token
-        model = load_model(ckpt, *((None,) * 3 if has_heads else sizes), n_action_tokens=0, dtype=dtype)
-    return model.to(device).eval()
-
-
-if __name__ == "__main__":
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=MODES, default="mqa")
-    p.add_argument("--ckpt", default="runs/toy", help="checkpoint directory written by train.py")
-    p.add_argument("--base", default=None, help="evaluate this base model zero-shot instead (alias or path)")
-    p.add_argument("--random-init", action="store_true", help="with --base: random weights of the real shapes")
+    p.add_argument("--ckpt", default="runs/toy", help="what to evaluate: a train.py run, an alias (model.py), a "
+                   "native or LLaVA-NeXT folder, or a hub id; a base without heads is evaluated zero-shot")
+    p.add_argument("--random-init", action="store_true", help="--ckpt's architecture with random weights")
+    p.add_argument("--tokenizer", default=None, help="--random-init of an alias: a tokenizer folder, or 'tiny'")
+    p.add_argument("--cache", default=None, help="folder for checkpoints converted from the LLaVA-NeXT format")
     p.add_argument("--annotations", default="toy", help="annotation root: EPIC CSVs, actions.csv, tail lists")
     p.add_argument("--split", default="validation", help="two_stage, multi_round: the split to evaluate")
     p.add_argument("--video-root", default=None, help="default {annotations}/videos")
     p.add_argument("--benchmark", default=None, help="mqa: MQA JSONL; default {annotations}/ek100_mqa_tim_k5.jsonl")
     p.add_argument("--scores", default=None, help="two_stage: recognizer scores; default "
                                                   "{annotations}/scores/tim_{split}.npz")
+    p.add_argument("--candidates", default=None, help="two_stage: mine.py --topk's candidate file instead of --scores")
     p.add_argument("--topk", type=int, default=20, help="two_stage: candidates (lettered A.., 20 = A-T)")
-    p.add_argument("--text", choices=mine.TEXTS, default="label",
-                   help="two_stage option texts: class labels, or a narration drawn per class (the truth's own "
-                        "narration when it is among them, as mine.py does)")
+    p.add_argument("--text", choices=mine.TEXTS, default="label", help="two_stage option texts: class labels, or "
+                   "a narration drawn per class (the truth's own when it is among them, a small leak)")
+    p.add_argument("--seed", type=int, default=0, help="two_stage: the shuffle of the options before lettering")
     p.add_argument("--frames", type=int, nargs="+", default=[8], help="one evaluation per value")
+    p.add_argument("--score", choices=SCORES, default="letter", help="mqa, two_stage: how an option is chosen")
+    p.add_argument("--reduce", choices=["mean", "sum"], default="mean", help="multi_round and --score text: mean "
+                   "(the paper's lowest mean cross-entropy) or summed token log-likelihood of a candidate")
     p.add_argument("--sap", action="store_true", help="mqa, two_stage: prior-action prompt with the model's own "
                                                       "two previous predictions of the video")
-    p.add_argument("--time-prompt", action="store_true", help="prefix LLaVA-Video's time instruction")
+    p.add_argument("--prompt-style", choices=data.STYLES, default=None, help="default: the checkpoint's")
+    p.add_argument("--perspective", choices=list(data.PERSPECTIVES), default="ego")
+    p.add_argument("--time-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="the time instruction before the question (default: as the checkpoint was trained)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward")
     p.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
                    help="DataLoader workers decoding clips (default: cores / (4 x ranks on the node), at most 4)")
-    p.add_argument("--chunk", type=int, default=256, help="multi_round: candidates per pass")
-    p.add_argument("--ratings", default=None, help="difficulty levels by narration id (CSV or JSON): per-level "
-                                                   "accuracy")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and count) samples whose video cannot be read")
+    p.add_argument("--chunk", type=int, default=256, help="multi_round, --score text: candidates per pass")
+    p.add_argument("--ratings", default=None, help="difficulty levels by narration id (CSV or JSON)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) samples whose video cannot be read; "
+                                                           "a rerun retries them")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    p.add_argument("--out", default=None, help="default {ckpt}/eval_{mode}[_sap] ({base} under runs/ with --base)")
-    args = p.parse_args()
+    p.add_argument("--out", default=None, help="default {ckpt}/eval_{mode}[_{score}][_sap], the score named unless "
+                   "letter (runs/{name}/... for an alias)")
+    p.add_argument("--plot", default=None, metavar="METRICS_JSON", help="only draw this metrics.json's plots "
+                   "(into plots/ beside it, or --out)")
+    return p
 
+
+def main(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plot:
+        for path in plot_metrics(args.plot, args.out or Path(args.plot).parent / "plots"):
+            print(f"wrote {path}")
+        return
     if args.sap and args.mode == "multi_round":
-        p.error("--sap needs options to fill the prior-action prompt: use it with --mode mqa or two_stage")
+        parser.error("--sap needs options to fill the prior-action prompt: use it with --mode mqa or two_stage")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit {args.limit}: nothing to evaluate")
     root = Path(args.annotations)
     args.video_root = args.video_root or str(root / "videos")
     args.benchmark = args.benchmark or str(root / "ek100_mqa_tim_k5.jsonl")
     args.scores = args.scores or str(root / "scores" / f"tim_{args.split}.npz")
-    owner = Path("runs") / Path(args.base).name if args.base else Path(args.ckpt)
-    args.out = args.out or str(owner / f"eval_{args.mode}{'_sap' if args.sap else ''}")
-    out = Path(args.out)
+    owner = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path("runs") / Path(args.ckpt).name
+    scoring = "" if args.score == "letter" or args.mode == "multi_round" else f"_{args.score}"
+    args.out = args.out or str(owner / f"eval_{args.mode}{scoring}{'_sap' if args.sap else ''}")
     rank, world, device = init_distributed()
-
-    saved = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else None
-    changed = [k for k in RESUME_KEYS if saved and saved.get(k) != vars(args)[k]]
-    if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {vars(args)[k]})" for k in changed)
-        p.error(f"{out} holds predictions made with {was}; pass another --out or delete {out}")
+    ann = data.load_annotations(root)  # inputs first: nothing is written until they are all good
+    rows = {"mqa": lambda: benchmark_rows(args.benchmark), "two_stage": lambda: two_stage_rows(ann, args),
+            "multi_round": lambda: multi_round_rows(ann, args)}[args.mode]()[:args.limit]
+    if not rows:
+        parser.error(f"no samples to evaluate in {args.benchmark if args.mode == 'mqa' else root}")
+    model = model_lib.load_for_eval(args.ckpt, device, args.random_init, args.tokenizer, args.cache)
+    args.prompt_style = args.prompt_style or model.cfg.prompt_style
+    args.time_prompt = model.cfg.time_instruction if args.time_prompt is None else args.time_prompt
+    ask(rows, args)
+    out = Path(args.out)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "args.json", vars(args))
-        ann = data.load_annotations(root)  # rank 0 first: it may write actions.csv
+        data.lock_folder(out)
+        saved = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
+        changed = [k for k in RESUME_KEYS if saved and saved.get(k) != vars(args)[k]]
+        if changed and list(out.glob("frames*/predictions*.jsonl")):
+            was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {vars(args)[k]})" for k in changed)
+            parser.error(f"{out} holds predictions made with {was}; pass another --out or delete {out}")
+        data.write_json_atomic(out / "args.json", vars(args))
     barrier()
-    if rank != 0:
-        ann = data.load_annotations(root)
-    if args.mode == "mqa":
-        rows = benchmark_rows(args.benchmark)
-    elif args.mode == "two_stage":
-        rows = two_stage_rows(ann, args.split, args.scores, args.topk, args.text)
-    else:
-        rows = multi_round_rows(ann, args.split)
-    rows = rows[:args.limit]
-    model = load_for_eval(args.ckpt, args.base, args.random_init, ann.vocab, device)
-    tails = read_tail_classes(root)
-    ratings = read_ratings(args.ratings) if args.ratings else None
-
-    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+    tails, ratings = read_tail_classes(root), read_ratings(args.ratings) if args.ratings else None
     for frames in args.frames:
-        preds = evaluate_setting(model, rows, out / f"frames{frames}", args.mode, frames, args.video_root, ann.vocab,
-                                 rank, world, args.batch_size, args.num_workers, args.skip_bad, args.time_prompt,
-                                 args.sap, args.chunk)
+        preds = evaluate_setting(model, rows, out / f"frames{frames}", frames, ann.vocab, args, rank, world)
         if rank == 0:
-            m = metrics[str(frames)] = compute_metrics(preds, ann.vocab, tails, ratings)
-            extra = (f", recognizer top-1 {m['recognizer_top1']:.4f}, top-{m['topk']} recall {m['topk_recall']:.4f}"
-                     if "topk" in m else "")
-            print(f"{args.mode}{' sap' if args.sap else ''} frames={frames}: accuracy {m.get('accuracy', 0):.4f} "
-                  f"on {m['n']} samples ({m['skipped_bad']} skipped); verb {m.get('verb_top1', 0):.4f}, noun "
-                  f"{m.get('noun_top1', 0):.4f}, action {m.get('action_top1', 0):.4f}{extra}")
-            write_json_atomic(out / "metrics.json", metrics)
+            m = compute_metrics(preds, ann.vocab, tails, ratings)
+            m.update(scoring=f"multi_round {args.reduce}" if args.mode == "multi_round" else args.score,
+                     options=len(rows[0].get("options", ann.vocab.labels)), prompt_style=args.prompt_style,
+                     time_prompt=args.time_prompt)
+            print(summary(args, frames, m))
+            path = out / "metrics.json"  # merged: other frames settings already there stay
+            data.write_json_atomic(path, {**(json.loads(path.read_text()) if path.exists() else {}), str(frames): m})
     if rank == 0:
         print(f"predictions and metrics in {out}")
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -3,7 +3,7 @@
 Turns EPIC-style annotations plus a recognizer's N x A action scores (TIM, AVION, ...) into multiple-choice
 files: the EK100-MQA benchmark (eq. 3: the truth and the recognizer's top K-1 other classes), training files
 (--pool: K-1 distractors drawn from a larger top pool), random-distractor files (eq. 2, --model random) and
-two-stage candidate files (--topk N --no-truth). `compare A B` prints the appendix-D statistics of two
+two-stage candidate files (--topk N: the top N in rank order, the truth not added). `compare A B` prints the appendix-D statistics of two
 recognizers: top-1 agreement, top-k overlap and the Jensen-Shannon divergence of their softmaxed scores.
 
     python mine.py --model tim --annotations toy --split validation --k 5 --out toy/ek100_mqa_tim_k5.jsonl
@@ -12,6 +12,7 @@ recognizers: top-1 agreement, top-k overlap and the Jensen-Shannon divergence of
 import argparse
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ import data
 RANDOM = "random"                 # --model random: eq. 2, no score file
 TEXTS = ("narration", "label")    # option texts: a narration of the class, or its label
 JS_CHUNK = 1024                   # rows per chunk in compare, so (N, A) float64 temporaries stay small
+TOY_K, TOY_DRAWS = 5, 8           # the toy quickstart's options per question and training MQA draws
+TOY_TRAIN, TOY_BENCHMARK = f"train_mqa_avion_k{TOY_K}_pool{2 * (TOY_K - 1)}_x{TOY_DRAWS}.jsonl", f"ek100_mqa_tim_k{TOY_K}.jsonl"
 
 # -----------------------------------------------------------------------------
 # score files: .npz / .pt / ranked JSON / .pkl -> (ids, scores), then aligned to a split's segments
@@ -53,7 +56,8 @@ def load_score_file(path, ann=None, split=None, trust_pickle=False):
     else:
         raise ValueError(f"{path}: unknown score format {suffix!r} (use .npz, .pt, ranked .json or .pkl)")
     if not isinstance(obj, dict) or "ids" not in obj or "scores" not in obj:
-        raise ValueError(f"{path}: expected a dict with 'ids' (narration ids) and 'scores' (N x A)")
+        found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}: expected 'ids' (narration ids) and 'scores' (N x A), found {found}")
     scores = obj["scores"]
     scores = np.asarray(scores.float().numpy() if hasattr(scores, "numpy") else scores, dtype=np.float32)
     ids = [i.decode() if isinstance(i, bytes) else str(i) for i in np.asarray(obj["ids"]).tolist()]
@@ -87,7 +91,7 @@ def align_scores(ids, scores, ann, split, path):
     """Pick the score row of every segment of the split, in split order: files may hold a superset in any order."""
     if scores.shape[1] != len(ann.vocab):
         raise ValueError(f"{path} scores {scores.shape[1]} classes but {Path(ann.root) / 'actions.csv'} defines "
-                         f"{len(ann.vocab)} action ids; scores must be over the ids of actions.csv (DESIGN.md)")
+                         f"{len(ann.vocab)} action ids; scores must be over the ids of actions.csv")
     segs = ann.segments(split)
     where = {i: r for r, i in enumerate(ids)}
     rows = np.array([where.get(s.id, -1) for s in segs], dtype=np.int64)
@@ -198,7 +202,7 @@ def distinct_texts(row, acts, truth, ann):
 
 
 def make_rows(segs, options, truth, texts, task):
-    """JSONL sample rows (DESIGN.md); answer_index is the truth's position, -1 (and no answer) when absent."""
+    """JSONL sample rows (README, Data layout); answer_index is the truth's position, -1 (and no answer) when absent."""
     is_truth = options == truth[:, None]
     answer_index = np.where(is_truth.any(axis=1), is_truth.argmax(axis=1), -1).tolist()
     rows = []
@@ -235,6 +239,20 @@ def mine(ann, split, scores=None, k=5, pool=None, topk=None, text="narration", s
         task = "mqa"
     texts = option_texts(ann, segs, options, truth, text, rng)
     return make_rows(segs, options, truth, texts, task)
+
+def mine_toy(root, seed=0):
+    """The toy kitchen's mined files, written when missing: training MQA from AVION drawn TOY_DRAWS times (K-1
+    distractors from its top 2(K-1), options shuffled anew: the tiny model must match options to the video, it
+    cannot memorise letters), and the validation benchmark from TIM (eq. 3): another recognizer's errors, as in
+    the paper."""
+    root, ann = Path(root), data.load_annotations(root)
+    if not (root / TOY_TRAIN).exists():
+        scores = read_scores(root / "scores" / "avion_train.npz", ann, "train")
+        data.write_jsonl_atomic(root / TOY_TRAIN, [row for draw in range(TOY_DRAWS) for row in mine(
+            ann, "train", scores, k=TOY_K, pool=2 * (TOY_K - 1), seed=seed + draw)])
+    if not (root / TOY_BENCHMARK).exists():
+        scores = read_scores(root / "scores" / "tim_validation.npz", ann, "validation")
+        data.write_jsonl_atomic(root / TOY_BENCHMARK, mine(ann, "validation", scores, k=TOY_K, seed=seed))
 
 # -----------------------------------------------------------------------------
 # compare two recognizers (appendix D)
@@ -300,7 +318,7 @@ def print_comparison(res, path_a, path_b):
     print(f"{'  2.5 / 97.5 percentiles':<38}[{lo:.4f}, {hi:.4f}]  (spread of per-segment values)")
 
 
-if __name__ == "__main__":
+def main(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="*", help="empty to mine; or: compare A B (two score files)")
     p.add_argument("--annotations", default="toy", help="annotation root (EPIC CSVs, actions.csv, scores/)")
@@ -309,15 +327,14 @@ if __name__ == "__main__":
     p.add_argument("--scores", default=None, help="score file; default {annotations}/scores/{model}_{split}.npz")
     p.add_argument("--k", type=int, default=5, help="options per question (also the k of compare's top-k)")
     p.add_argument("--pool", type=int, default=None, help="draw the K-1 distractors from the top N (default K-1)")
-    p.add_argument("--topk", type=int, default=None, help="two-stage candidates: the top N classes (needs --no-truth)")
-    p.add_argument("--no-truth", action="store_true", help="with --topk: do not add the truth to the candidates")
+    p.add_argument("--topk", type=int, default=None, help="two-stage candidates: the top N classes, the truth not added")
     p.add_argument("--text", choices=TEXTS, default="narration", help="option texts: narrations or class labels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-pickle", action="store_true", help="allow .pkl score files (a pickle runs code)")
-    p.add_argument("--out", default=None, help="JSONL to write; default {annotations}/{split}_mqa_{model}_k{K}.jsonl "
-                   "or {annotations}/{split}_top{N}_{model}.jsonl")
+    p.add_argument("--out", default=None, help="JSONL to write; default {annotations}/ek100_mqa_{model}_k{K}.jsonl "
+                   "(validation), {annotations}/{split}_mqa_{model}_k{K}.jsonl or {annotations}/{split}_top{N}_{model}.jsonl")
     p.add_argument("--json", default=None, help="compare: also write the statistics to this JSON file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     if args.command:
         if args.command[0] != "compare" or len(args.command) != 3:
@@ -328,25 +345,27 @@ if __name__ == "__main__":
         res = compare_files(path_a, path_b, ann, args.split, args.k, args.trust_pickle)
         print_comparison(res, path_a, path_b)
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-    else:
-        if bool(args.topk) != args.no_truth:
-            p.error("--topk N and --no-truth go together (two-stage candidates); for an MQA with N options use --k N")
-        ann = data.load_annotations(args.annotations)
-        scores = None
-        if args.model != RANDOM:
-            path = Path(args.scores or Path(args.annotations) / "scores" / f"{args.model}_{args.split}.npz")
-            if not path.exists():
-                p.error(f"no score file {path}" + ("" if args.scores else f" (the default for --model {args.model} "
-                        f"--split {args.split})") + "; pass --scores PATH (.npz, .pt, ranked .json) or --model random")
-            scores = read_scores(path, ann, args.split, args.trust_pickle)
-            args.scores = str(path)
-        rows = mine(ann, args.split, scores, args.k, args.pool, args.topk, args.text, args.seed)
-        prefix = "ek100" if args.split == "validation" else args.split  # the benchmark's name, as evaluate.py expects
-        name = f"{args.split}_top{args.topk}_{args.model}" if args.topk else f"{prefix}_mqa_{args.model}_k{args.k}"
-        args.out = args.out or str(Path(args.annotations) / f"{name}.jsonl")
-        data.write_jsonl_atomic(args.out, rows)
-        Path(f"{args.out}.args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-        found = np.mean([r["answer_index"] >= 0 for r in rows]) if rows else 0.0
-        print(f"wrote {len(rows)} {rows[0]['task'] if rows else ''} rows to {args.out}"
-              + (f" (truth among the top {args.topk}: {found:.1%})" if args.topk else ""))
+            data.write_json_atomic(args.json, res)
+        return
+    ann = data.load_annotations(args.annotations)
+    scores = None
+    if args.model != RANDOM:
+        path = Path(args.scores or Path(args.annotations) / "scores" / f"{args.model}_{args.split}.npz")
+        if not path.exists():
+            p.error(f"no score file {path}" + ("" if args.scores else f" (the default for --model {args.model} "
+                    f"--split {args.split})") + "; pass --scores PATH (.npz, .pt, ranked .json) or --model random")
+        scores = read_scores(path, ann, args.split, args.trust_pickle)
+        args.scores = str(path)
+    rows = mine(ann, args.split, scores, args.k, args.pool, args.topk, args.text, args.seed)
+    prefix = "ek100" if args.split == "validation" else args.split  # the benchmark's name, as evaluate.py expects
+    name = f"{args.split}_top{args.topk}_{args.model}" if args.topk else f"{prefix}_mqa_{args.model}_k{args.k}"
+    args.out = args.out or str(Path(args.annotations) / f"{name}.jsonl")
+    data.write_jsonl_atomic(args.out, rows)
+    data.write_json_atomic(f"{args.out}.args.json", vars(args))
+    found = np.mean([r["answer_index"] >= 0 for r in rows])
+    print(f"wrote {len(rows)} {rows[0]['task']} rows to {args.out}"
+          + (f" (truth among the top {args.topk}: {found:.1%})" if args.topk else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,158 +1,395 @@
-"""Base models, the action token with its verb/noun/action heads (paper eq. 5), save and load.
+"""Base models, the LLaVA-NeXT checkpoint format, the two video layouts, and the action token with its
+verb/noun/action heads (paper eq. 5).
 
-The base is transformers' native LlavaOnevisionForConditionalGeneration (SigLIP tower, 2-layer MLP projector,
-Qwen2 LLM), used as it is: this file only adds what LLaVAction adds on top and never re-implements the base.
+The model class is transformers' native LlavaOnevisionForConditionalGeneration (SigLIP tower, 2-layer MLP
+projector, Qwen2 LLM), used as it is. The paper's base and the authors' released checkpoints are published in
+the LLaVA-NeXT format (`architectures: ["LlavaQwenForCausalLM"]`, `mm_*` config fields); `convert` turns such a
+folder into a native one, tensor by tensor, and `load_model` does so once, on first use, into a cache folder.
+
+    python model.py convert lmms-lab/LLaVA-Video-7B-Qwen2 ckpt/llava-video-7b   # or a local LLaVA-NeXT folder
 """
+import argparse
 import contextlib
 import json
 import math
+import os
+import re
+import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                          PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig)
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+import transformers  # its classes load on first use (transformers' own lazy modules): --help stays fast
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-BASES = {
-    "llava-video-7b": "llava-hf/LLaVA-Video-7B-Qwen2-hf",  # community conversion of lmms-lab/LLaVA-Video-7B-Qwen2
-    "llava-ov-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
-    "llava-ov-0.5b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
-    "tiny": None,  # built in code: tests, the toy demo, CPU runs
-}
-ACTION_TOKEN = "<action>"
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<video>", "<image>", ACTION_TOKEN]
+import data
+from data import ACTION_TOKEN, IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN
 
-# Real shapes for --random-init (no hub here). SigLIP so400m-384/14 as in transformers' convert_llava_onevision
-# script and LlavaOnevisionConfig's own vision defaults (26 layers: the last SigLIP layer is dropped, no head).
-# Qwen2-7B/0.5B-Instruct from their config.json; vocab = Qwen2 vocab + <image>, <video>, padded to a multiple
-# of 64 by the convert script: 152064 + 2 -> 152128 (7b), 151936 + 2 -> 152000 (0.5b, as DESIGN.md measured).
+# -----------------------------------------------------------------------------
+# shapes for --random-init (no hub here) and the base table
+
+SIGLIP_SO400M_ID = "google/siglip-so400m-patch14-384"
+# so400m-384/14 with its last layer dropped and no head, as the authors' tower and the native class use it
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
                      image_size=384, patch_size=14, vision_use_head=False)
-QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, vocab_size=152128, tie_word_embeddings=False)
-QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=152000, tie_word_embeddings=True)
-QWEN2_COMMON = dict(max_position_embeddings=32768, rms_norm_eps=1e-6,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-TEXT_CONFIGS = {"llava-video-7b": QWEN2_7B, "llava-ov-7b": QWEN2_7B, "llava-ov-0.5b": QWEN2_05B}
-# tiny: 32 px / 8 px patches = 4x4 patches, pooled to 2x2 = 4 tokens a frame
+QWEN2 = dict(max_position_embeddings=32768, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+QWEN2_7B = dict(QWEN2, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, tie_word_embeddings=False)
+QWEN2_05B = dict(QWEN2, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, tie_word_embeddings=True)
+# tiny: 32 px / 8 px patches = 4x4 patches, pooled to 2x2 a frame
 TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    image_size=32, patch_size=8, vision_use_head=False)
 TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
 
-# Which action token feeds which head (verb, noun, action): one token feeds all three; with three tokens
-# token 0 is supervised by the verb head, token 1 by the noun head, token 2 by the action head.
-HEAD_TOKEN = {1: (0, 0, 0), 3: (0, 1, 2)}
 
-# The tiny tokenizer's training text: the prompts of DESIGN.md, answer letters, digits and kitchen words.
-TINY_CORPUS = """You are seeing this video from egocentric view and you are the person. Your hands are sometimes
-interacting with objects. What action are you doing? The video is taken from egocentric view. The person's hands
-are sometimes interacting with objects. What action is the person doing? seconds ago, you started an action.
-What action are you currently performing? Here are the options of actions you can select: The provided video
-contains an action that lasts seconds. What is the relative start and end time of the action in seconds? Format
-it as 'start_timestamp: end_timestamp' and round to 2 decimal places. What action are you performing? Give a
-short sentence such as 'move knife'. Describe in details what you see from the video frames. Try to focus on
-what you are doing. The provided video lasts for seconds, and frames are uniformly sampled from it.
-user assistant system
-take put put-down open close wash cut mix pour throw dry move remove turn-on turn-off insert shake peel squeeze
-fill scoop stir check adjust apply empty flip break spray wipe grate hold pick-up rinse press slice eat drink
-plate knife spoon fork cup glass bowl pan pot lid tap water sponge board chopping bag box bottle jar oil salt
-onion garlic tomato potato carrot pepper cheese bread egg rice pasta meat chicken milk butter sauce towel
-fridge drawer cupboard cooker hob oven microwave kettle coffee maker tea dough food container hand hands
-"""
+@dataclass(frozen=True)
+class Base:
+    source: str | None      # hub id; None: built in code
+    text: dict              # the Qwen2 shapes --random-init builds (embedding rows as published)
+    video_layout: str       # the layout its weights were trained with
+    time_instruction: bool  # trained with the time instruction before the question
+    action_tokens: int = 0  # the released action token(s) and heads
+
+
+BASES = {
+    "llava-video-7b": Base("lmms-lab/LLaVA-Video-7B-Qwen2", dict(QWEN2_7B, vocab_size=152064), "grid", True),
+    "llavaction-7b": Base("MLAdaptiveIntelligence/LLaVAction-7B", dict(QWEN2_7B, vocab_size=152064), "grid", True, 1),
+    "llavaction-0.5b": Base("MLAdaptiveIntelligence/LLaVAction-0.5B", dict(QWEN2_05B, vocab_size=151936), "grid", True, 1),
+    "llava-ov-7b": Base("llava-hf/llava-onevision-qwen2-7b-ov-hf", dict(QWEN2_7B, vocab_size=152128), "hf", False),
+    "llava-ov-0.5b": Base("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", dict(QWEN2_05B, vocab_size=152000), "hf", False),
+    "tiny": Base(None, TINY_TEXT, "grid", False),  # tests, the toy demo, CPU runs
+}
+SPECIAL_TOKENS = ["<|endoftext|>", IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, ACTION_TOKEN]
+HEAD_TOKEN = {1: (0, 0, 0), 3: (0, 1, 2)}  # which action token feeds the verb, noun and action head
+CONVERTED_CACHE = Path(os.environ.get("LLAVACTION_CACHE", Path.home() / ".cache" / "llavaction"))
+
+
+@dataclass
+class ActionConfig:
+    """What LLaVAction adds to a base, saved as action.json beside the weights. Defaults follow the authors'
+    release: heads without bias, loss 0.1 x (0.5 verb + 0.5 noun + 0.1 action CE) summed over the supervised
+    layers and divided by L + 1 (head_norm "layers+1"; "layers" divides by L, twice the weight at one layer)."""
+    action_tokens: int = 1  # 0, 1 or 3 <action> tokens right after the last video token
+    n_verbs: int = 97
+    n_nouns: int = 300
+    n_actions: int = 3806
+    head_bias: bool = False
+    supervise_layer: str = "last"  # last, first (the first decoder layer's output) or all layers
+    head_weight: float = 0.1
+    verb_weight: float = 0.5
+    noun_weight: float = 0.5
+    action_weight: float = 0.1
+    head_norm: str = "layers+1"
+    video_layout: str = "hf"  # grid: a newline after every row of pooled tokens; hf: one newline per video
+    prompt_style: str = "official"  # data.STYLES
+    time_instruction: bool = False
 
 
 @dataclass
 class VisionSpec:
-    """What data.py needs to turn frames into pixel values and count the video placeholder tokens."""
+    """What data.py needs to make pixel values and count the video placeholders."""
     size: int
     mean: tuple
     std: tuple
-    tokens_per_frame: int
+    grid: int    # pooled tokens per side of a frame
+    layout: str  # "grid" or "hf"
 
-    def __post_init__(self):  # tuples also when read back from action.json
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
+    @property
+    def tokens_per_frame(self):
+        return self.grid * (self.grid + (self.layout == "grid"))
 
     def video_tokens(self, n_frames: int) -> int:
-        """HF-native layout: each frame pooled to ceil(p/2)^2 tokens, one image_newline per video."""
-        return n_frames * self.tokens_per_frame + 1
+        """grid: T x g(g+1) (14 x 15 = 210 a frame at 384/14); hf: T x g^2 + 1 (196 a frame, one newline)."""
+        return n_frames * self.tokens_per_frame + (self.layout == "hf")
 
 
-def vision_spec(config: LlavaOnevisionConfig) -> VisionSpec:
-    """SigLIP normalises with mean = std = 0.5 (all llava-onevision / LLaVA-Video checkpoints use SigLIP)."""
+def vision_spec(config, layout) -> VisionSpec:
+    """SigLIP normalises with mean = std = 0.5; the native class pools p x p patches to ceil(p/2)^2 tokens."""
+    if layout not in ("grid", "hf"):
+        raise ValueError(f"unknown video layout {layout!r}: grid or hf")
     v = config.vision_config
-    p = v.image_size // v.patch_size
-    return VisionSpec(v.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), math.ceil(p / 2) ** 2)
+    return VisionSpec(v.image_size, (0.5,) * 3, (0.5,) * 3, math.ceil(v.image_size // v.patch_size / 2), layout)
 
 
-def preprocess_frames(frames, spec: VisionSpec) -> torch.Tensor:
-    """uint8 (T,H,W,3) -> float32 (T,3,S,S) in plain torch, since torchvision does not run beside this torch."""
-    x = torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2).float()
-    if x.shape[-2:] != (spec.size, spec.size):
-        x = F.interpolate(x, size=(spec.size, spec.size), mode="bicubic", antialias=True, align_corners=False)
-    x = x.clamp(0, 255) / 255  # bicubic overshoots; the HF processors resize in uint8 and so clip too
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    return (x - mean) / std
+# -----------------------------------------------------------------------------
+# tokenizers
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+               r"\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer: tiny splits text where the real one does
+TINY_WORDS = """take put put-down open close wash cut mix pour throw dry move remove turn-on turn-off insert shake peel
+squeeze fill scoop stir check adjust apply empty flip break spray wipe grate hold pick-up rinse press slice eat drink
+plate knife spoon fork cup glass bowl pan pot lid tap water sponge board chopping bag box bottle jar oil salt onion
+garlic tomato potato carrot pepper cheese bread egg rice pasta meat chicken milk butter sauce towel fridge drawer
+cupboard cooker hob oven microwave kettle coffee maker tea dough food container hand hands the now on counter
+user assistant system"""
 
 
-def build_tokenizer_tiny(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained here in well under a second, so tests need no download."""
+def build_tokenizer_tiny(vocab_size=1024, special_tokens=SPECIAL_TOKENS):
+    """A byte-level BPE trained here in well under a second on the prompts and kitchen words, so tests need no
+    download; it splits text as Qwen2 does (digits one by one, newlines apart)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    letters = " ".join(f"{c}. {c}" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-    digits = " ".join(f"{i} {i}.{i:02d} 0.{i:02d}" for i in range(100))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    words = " " + TINY_CORPUS.replace("\n", " ")  # also as later words of a sentence: " take", " plate"
-    tok.train_from_iterator([TINY_CORPUS, words, letters, digits], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    prompts = [data.SYSTEM_PROMPT, *data.PERSPECTIVES.values(), data.MQA_INSTRUCTION, data.MQA_OPTIONS,
+               data.PRIOR_PROMPT, data.DIRECT_PROMPT, *data.CAPTION_PROMPT.values(), data.TEMPORAL_PROMPT,
+               data.TIME_PROMPT, TINY_WORDS, " " + TINY_WORDS.replace("\n", " ")]
+    tok.train_from_iterator(prompts + [" ".join(f"{c}. {c}," for c in data.LETTERS)], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token=IM_END)
 
 
-def base_config(base: str, tokenizer) -> LlavaOnevisionConfig:
+def with_special_tokens(tokenizer):
+    """Add <image>, <video>, <action> where missing, in that order (a plain Qwen2-Instruct tokenizer of 151,646
+    entries then has them at 151646, 151647, 151648: inside the published embedding tables, no resize)."""
+    missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN, ACTION_TOKEN) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return tokenizer
+
+
+def base_tokenizer(base, tokenizer=None):
+    """The tokenizer of --random-init `base`: --tokenizer DIR, 'tiny', or the alias's own when it is cached here."""
+    source = BASES[base].source
+    if base == "tiny" or tokenizer == "tiny":
+        if base != "tiny":
+            print(f"WARNING: --random-init {base} with the tiny test tokenizer (1,024 entries inside a table of "
+                  f"{BASES[base].text['vocab_size']:,} rows): real shapes, toy token ids", file=sys.stderr)
+        return build_tokenizer_tiny()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer or source, local_files_only=not tokenizer)
+    except OSError:
+        raise ValueError(f"--random-init {base}: its tokenizer ({tokenizer or source}) is not available here; pass "
+                         "--tokenizer DIR (a Qwen2 tokenizer folder), or --tokenizer tiny for a smoke test") from None
+    print(f"--random-init {base}: tokenizer from {tokenizer or source} ({len(tok):,} entries)", file=sys.stderr)
+    return with_special_tokens(tok)
+
+
+# -----------------------------------------------------------------------------
+# the LLaVA-NeXT format: checks, config, key map, conversion
+
+NEXT_SUPPORTED = {  # config field: (value when absent, values this converter reads exactly)
+    "mm_projector_type": ("mlp2x_gelu", {"mlp2x_gelu"}),
+    "mm_spatial_pool_mode": ("bilinear", {"bilinear"}),
+    "mm_spatial_pool_stride": (2, {2}),
+    "mm_resampler_type": (None, {None, ""}),
+    "add_faster_video": (False, {False, None}),
+    "mm_newline_position": ("grid", {"grid", "one_token"}),
+    "vision_supervision": (None, {None, "one_token", "three_tokens"}),
+    "vision_token_training": (None, {None, "last_layer", "first_layer", "all_layers"}),
+}
+SUPERVISED_LAYER = {None: "last", "last_layer": "last", "first_layer": "first", "all_layers": "all"}
+QWEN2_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "hidden_act",
+                "tie_word_embeddings", "sliding_window", "use_sliding_window", "max_window_layers", "attention_dropout")
+NEXT_KEYS = (  # LLaVA-NeXT key prefix -> native prefix (None: dropped); the first match wins
+    ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
+    ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+    ("model.image_newline", "model.image_newline"),
+    ("model.action_supervision", "action_embeds"),
+    ("model.vision_resampler.", None), ("model.faster_token", None),
+    ("model.", "model.language_model."),  # embed_tokens, layers, norm
+)
+HEAD_KEYS = ("action_embeds", "verb_head.weight", "noun_head.weight", "action_head.weight")
+
+
+def is_next_format(config: dict) -> bool:
+    return "LlavaQwenForCausalLM" in (config.get("architectures") or [])
+
+
+def next_key(key):
+    if key.endswith(".inv_freq"):
+        return None
+    for old, new in NEXT_KEYS:
+        if key.startswith(old):
+            return new and new + key[len(old):]
+    return key  # lm_head.weight, the heads; anything else is reported as unexpected
+
+
+def next_config(src, cfg, tokenizer):
+    """(LlavaOnevisionConfig, ActionConfig) of a LLaVA-NeXT config.json; unsupported options are refused by name."""
+    for name, (default, accepted) in NEXT_SUPPORTED.items():
+        if cfg.get(name, default) not in accepted:
+            raise ValueError(f"{src}/config.json: {name} = {cfg.get(name)!r} is not supported (only "
+                             f"{sorted(map(str, accepted))} convert exactly); this checkpoint cannot be loaded here")
+    tower = str(cfg.get("mm_vision_tower"))
+    if "siglip" not in tower.lower():
+        raise ValueError(f"{src}/config.json: mm_vision_tower = {tower!r} is not supported: only SigLIP towers")
+    try:
+        vision = transformers.SiglipVisionConfig.from_pretrained(tower)
+    except OSError as e:
+        if tower != SIGLIP_SO400M_ID:
+            raise ValueError(f"{src}/config.json: cannot read the config of mm_vision_tower {tower!r} ({e})") from None
+        vision = transformers.SiglipVisionConfig(**dict(SIGLIP_SO400M, num_hidden_layers=27))  # its published shapes
+    if cfg.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
+        raise ValueError(f"{src}/config.json: mm_hidden_size = {cfg['mm_hidden_size']} but {tower} is "
+                         f"{vision.hidden_size} wide")
+    vision = transformers.SiglipVisionConfig(**{**vision.to_dict(), "num_hidden_layers": vision.num_hidden_layers - 1,
+                                   "vision_use_head": False})  # the authors' tower drops its last layer and head
+    text = transformers.Qwen2Config(**{k: cfg[k] for k in QWEN2_FIELDS if cfg.get(k) is not None},
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids(IM_END))
+    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, ACTION_TOKEN])
+    if max(ids) >= text.vocab_size:
+        raise ValueError(f"{src}: the tokenizer puts {ACTION_TOKEN} at {max(ids)}, past the {text.vocab_size} "
+                         "embedding rows of config.json")
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=ids[0], video_token_index=ids[1],
+        vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=text.tie_word_embeddings)
+    tokens = {None: 0, "one_token": 1, "three_tokens": 3}[cfg.get("vision_supervision")]
+    sizes = [int(x) for x in cfg["action_types"].split(",")] if tokens else [97, 300, 3806]
+    action = ActionConfig(tokens, *sizes, supervise_layer=SUPERVISED_LAYER[cfg.get("vision_token_training")],
+                          video_layout="grid" if cfg.get("mm_newline_position", "grid") == "grid" else "hf",
+                          time_instruction=bool(cfg.get("add_time_instruction", False)))
+    return config, action
+
+
+def convert(src, out):
+    """A LLaVA-NeXT folder -> a native directory: config, tokenizer with <image>/<video>/<action>, weights renamed
+    shard by shard (one shard in memory at a time; bf16 stays bf16), the action token(s) and bias-free heads in
+    heads.pt, the rest of what the weights were trained with in action.json. Every native key must be written
+    and no other (never loaded half-right). Built in a temporary folder renamed at the end: a failed conversion
+    leaves nothing behind."""
+    src, out = Path(src), Path(out)
+    cfg = json.loads((src / "config.json").read_text())
+    if not is_next_format(cfg):
+        raise ValueError(f"{src}/config.json: architectures = {cfg.get('architectures')}, not LlavaQwenForCausalLM")
+    tokenizer = with_special_tokens(transformers.AutoTokenizer.from_pretrained(src))
+    config, action = next_config(src, cfg, tokenizer)
+    with torch.device("meta"):
+        expected = set(transformers.LlavaOnevisionForConditionalGeneration(config).state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    expected |= set(HEAD_KEYS) if action.action_tokens else set()
+    index = src / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    if not all((src / s).exists() for s in shards):
+        raise FileNotFoundError(f"{src}: no {shards[0]}; only safetensors checkpoints convert")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        weight_map, heads, size = {}, {}, 0
+        for shard in shards:
+            tensors = {}
+            with safe_open(src / shard, "pt") as f:
+                for key in f.keys():
+                    if (new := next_key(key)) is not None:
+                        (heads if new in HEAD_KEYS else tensors)[new] = f.get_tensor(key).contiguous()
+            save_file(tensors, tmp / shard, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, shard))
+            size += sum(t.numel() * t.element_size() for t in tensors.values())
+        written = set(weight_map) | set(heads)
+        if written != expected:
+            raise ValueError(f"{src}: the weights do not match its config.json: missing {sorted(expected - written)[:5]}"
+                             f", unexpected {sorted(written - expected)[:5]}")
+        if index.exists():
+            data.write_json_atomic(tmp / index.name, {"metadata": {"total_size": size}, "weight_map": weight_map})
+        config.dtype = cfg.get("torch_dtype") or cfg.get("dtype")
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if heads:
+            torch.save(heads, tmp / "heads.pt")
+        data.write_json_atomic(tmp / "action.json", asdict(action))
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve(name, cache=None):
+    """A native checkpoint for `name`: an alias's hub id, a local folder or a hub id; an official-format one is
+    converted once into a folder beside it (`{folder}.native`) or, for a hub id, under the cache
+    ($LLAVACTION_CACHE, default ~/.cache/llavaction), or under `cache` when given."""
+    source = BASES[name].source if name in BASES else str(name)
+    local = Path(source)
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise FileNotFoundError(f"checkpoint {local} holds no config.json: not a model folder (train one with "
+                                    "train.py, or pass an alias: " + ", ".join(BASES) + ")")
+        if not is_next_format(json.loads((local / "config.json").read_text())):
+            return local
+        out = Path(cache) / local.name if cache else local.with_name(local.name + ".native")
+    else:
+        if name not in BASES and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+            raise FileNotFoundError(f"checkpoint {source}: no such folder, and not an alias ({', '.join(BASES)})")
+        out = Path(cache or CONVERTED_CACHE) / source.replace("/", "--")
+        if (out / "action.json").exists():
+            return out
+        from huggingface_hub import hf_hub_download, snapshot_download
+        try:
+            if not is_next_format(json.loads(Path(hf_hub_download(source, "config.json")).read_text())):
+                return source
+            local = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        except Exception as e:
+            raise FileNotFoundError(f"{source}: no such folder here, and the hub repository could not be fetched "
+                                    f"({type(e).__name__}); download it (huggingface-cli download {source} "
+                                    "--local-dir DIR) and pass DIR") from None
+    if not (out / "action.json").exists():
+        print(f"converting {source} (LLaVA-NeXT format) into {out}, once", file=sys.stderr)
+        convert(local, out)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# loading a base
+
+
+def base_config(base, tokenizer):
     """A config in code for `tiny` and for --random-init of a real alias; placeholder ids from the tokenizer."""
-    if base == "tiny":
-        vision, text = TINY_VISION, dict(TINY_TEXT, vocab_size=64 * math.ceil(len(tokenizer) / 64))
-    else:
-        vision, text = SIGLIP_SO400M, {**QWEN2_COMMON, **TEXT_CONFIGS[base]}
+    vision, text = (TINY_VISION, dict(TINY_TEXT, vocab_size=64 * math.ceil(len(tokenizer) / 64))) if base == "tiny" \
+        else (SIGLIP_SO400M, BASES[base].text)
     ids = tokenizer.convert_tokens_to_ids
-    return LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**vision).to_dict(),
-        text_config=Qwen2Config(**text, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id).to_dict(),
-        image_token_index=ids("<image>"), video_token_index=ids("<video>"),
-        vision_feature_layer=-1, vision_feature_select_strategy="full",
-        tie_word_embeddings=text["tie_word_embeddings"])
+    return transformers.LlavaOnevisionConfig(
+        vision_config=transformers.SiglipVisionConfig(**vision).to_dict(),
+        text_config=transformers.Qwen2Config(**text, pad_token_id=tokenizer.pad_token_id,
+                                             eos_token_id=ids(IM_END)).to_dict(),
+        image_token_index=ids(IMAGE_TOKEN), video_token_index=ids(VIDEO_TOKEN),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=text["tie_word_embeddings"])
 
 
-def load_base(base: str, random_init=False, dtype=None, seed=0, device=None):
-    """An alias or a local directory -> (LlavaOnevisionForConditionalGeneration, tokenizer); random weights are
-    drawn on `device` directly (a 7B model initialised on the CPU takes minutes)."""
-    if base not in BASES and not Path(base).exists():
-        raise ValueError(f"unknown base {base!r}: not a directory; aliases are {', '.join(BASES)}")
-    source = BASES.get(base, base)
-    if base == "tiny" or (random_init and base in BASES):
-        try:  # a real alias without weights here: its cached tokenizer, else the tiny one (the ids follow it)
-            tokenizer = (AutoTokenizer.from_pretrained(source, local_files_only=True) if source
-                         else build_tokenizer_tiny())
-        except OSError:
-            tokenizer = build_tokenizer_tiny()
-        config = base_config(base, tokenizer)
-    elif random_init:
-        tokenizer, config = AutoTokenizer.from_pretrained(source), LlavaOnevisionConfig.from_pretrained(source)
+def load_base(name, random_init=False, dtype=None, device=None, tokenizer=None, cache=None, seed=0):
+    """-> (LlavaOnevisionForConditionalGeneration, tokenizer, the checkpoint's ActionConfig fields, heads file or
+    None). Random weights are drawn on `device` directly (a 7B model initialised on the CPU takes minutes)."""
+    if name == "tiny" or (random_init and name in BASES):
+        tok, b = base_tokenizer(name, tokenizer), BASES[name]
+        config, saved, heads = base_config(name, tok), dict(video_layout=b.video_layout,
+                                                           time_instruction=b.time_instruction,
+                                                           action_tokens=b.action_tokens), None
     else:
-        llava = LlavaOnevisionForConditionalGeneration.from_pretrained(source, dtype=dtype, device_map=device)
-        return freeze_unused(llava), AutoTokenizer.from_pretrained(source)
+        path = resolve(name, cache)
+        meta = Path(path) / "action.json"
+        try:
+            saved = json.loads(meta.read_text()) if meta.exists() else dict(video_layout="hf", action_tokens=0)
+            ActionConfig(**saved)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"checkpoint {path}: action.json is corrupt ({e}); re-export the checkpoint") from None
+        heads = Path(path) / "heads.pt" if saved.get("action_tokens") and not random_init else None
+        tok = with_special_tokens(transformers.AutoTokenizer.from_pretrained(path))
+        if random_init:
+            config = transformers.LlavaOnevisionConfig.from_pretrained(path)
+        else:
+            try:
+                llava = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype,
+                                                                                            device_map=device)
+            except Exception as e:  # safetensors cut short, a shard missing, ...
+                raise ValueError(f"checkpoint {path}: its weights do not load ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]}); the files are corrupt or truncated: "
+                                 "re-export or re-download them") from None
+            return freeze_unused(llava), tok, saved, heads
     with torch.random.fork_rng(devices=[]), (torch.device(device) if device else contextlib.nullcontext()):
         torch.manual_seed(seed)
-        llava = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype)
-    return freeze_unused(llava), tokenizer
+        llava = transformers.LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype)
+    return freeze_unused(llava), tok, saved, heads
 
 
 def freeze_unused(llava):
@@ -164,99 +401,113 @@ def freeze_unused(llava):
     return llava
 
 
+# -----------------------------------------------------------------------------
+# the action token, its heads, and the video in either layout
+
+
 class ActionLLaVA(nn.Module):
     """LLaVA plus learnable action tokens whose final states are supervised by verb/noun/action heads."""
 
-    def __init__(self, llava, tokenizer, n_verbs, n_nouns, n_actions, n_action_tokens=1, spec=None,
-                 supervise_layer="last", head_weight=0.1, verb_weight=0.5, noun_weight=0.5, action_weight=0.1):
+    def __init__(self, llava, tokenizer, cfg: ActionConfig):
         super().__init__()
-        assert n_action_tokens in (0, 1, 3) and supervise_layer in ("last", "first", "all")
-        self.llava, self.tokenizer = llava, tokenizer
-        self.spec = spec or vision_spec(llava.config)
-        self.n_action_tokens, self.supervise_layer = n_action_tokens, supervise_layer
-        self.loss_weights = dict(head_weight=head_weight, verb_weight=verb_weight, noun_weight=noun_weight,
-                                 action_weight=action_weight)
-        self.head_sizes = dict(n_verbs=n_verbs, n_nouns=n_nouns, n_actions=n_actions)
-        if ACTION_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": [ACTION_TOKEN]})
+        assert cfg.action_tokens in (0, 1, 3) and cfg.supervise_layer in ("last", "first", "all")
+        assert cfg.head_norm in ("layers+1", "layers") and cfg.prompt_style in data.STYLES
+        self.llava, self.tokenizer, self.cfg = llava, with_special_tokens(tokenizer), cfg
+        self.spec = vision_spec(llava.config, cfg.video_layout)
         self.action_id = tokenizer.convert_tokens_to_ids(ACTION_TOKEN)
         emb = llava.get_input_embeddings()
         if self.action_id >= emb.num_embeddings:  # real checkpoints have spare rows; tiny may not
             llava.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
             emb = llava.get_input_embeddings()
-        if n_action_tokens == 0:
+        if cfg.action_tokens == 0:
             return
         hidden, w = llava.config.text_config.hidden_size, emb.weight
-        # Start from the mean token embedding: in distribution for the pretrained LM from the first step,
-        # unlike a fresh N(0, 0.02) row whose norm need not match the checkpoint's embeddings.
-        self.action_embeds = nn.Parameter(w.detach().mean(0, keepdim=True).repeat(n_action_tokens, 1).clone())
-        self.verb_head = nn.Linear(hidden, n_verbs, device=w.device, dtype=w.dtype)
-        self.noun_head = nn.Linear(hidden, n_nouns, device=w.device, dtype=w.dtype)
-        self.action_head = nn.Linear(hidden, n_actions, device=w.device, dtype=w.dtype)
+        # Start from the mean token embedding: in distribution for the pretrained LM from the first step (the
+        # authors' code leaves it uninitialised); a released checkpoint's own token replaces it on load.
+        self.action_embeds = nn.Parameter(w.detach().mean(0, keepdim=True).repeat(cfg.action_tokens, 1).clone())
+        make = lambda n: nn.Linear(hidden, n, bias=cfg.head_bias, device=w.device, dtype=w.dtype)  # noqa: E731
+        self.verb_head, self.noun_head, self.action_head = make(cfg.n_verbs), make(cfg.n_nouns), make(cfg.n_actions)
         emb.register_forward_hook(self._write_action_embeds)
 
     def _write_action_embeds(self, module, args, out):
         """Put action_embeds[k] at the k-th <action> of each row. Sync-free, so it also runs in generate,
         and it trains even when the embedding table is frozen."""
         is_action = args[0] == self.action_id
-        k = (is_action.cumsum(-1) - 1).clamp(0, self.n_action_tokens - 1)
+        k = (is_action.cumsum(-1) - 1).clamp(0, self.cfg.action_tokens - 1)
         return torch.where(is_action[..., None], self.action_embeds[k].to(out.dtype), out)
+
+    def video_features(self, pixels):
+        """(B, N, H) video embeddings in this checkpoint's layout. The native class computes hf (T x g^2 pooled
+        tokens, then one newline); grid (LLaVA-Video and LLaVAction) lays the newline embedding after every row
+        of each frame's g x g pooled tokens, T x g(g + 1) in all, no newline at the end."""
+        video = self.llava.model.get_video_features(pixels).pooler_output
+        if self.spec.layout == "hf":
+            return video
+        (b, t), g = pixels.shape[:2], self.spec.grid
+        rows = video[:, :-1].reshape(b, t, g, g, -1)
+        newline = self.llava.model.image_newline.to(rows.dtype).expand(b, t, g, 1, -1)
+        return torch.cat([rows, newline], 3).flatten(1, 3)
+
+    def lm_inputs(self, batch):
+        """Keyword arguments of llava.model for a collated batch: ids and mask on the model's device, and the video
+        passed in as its embeddings (the native class checks their count against the <video> placeholders)."""
+        dev = self.llava.device
+        inputs = dict(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
+        pixels = batch.get("pixel_values_videos")
+        if pixels is not None:
+            video = self.video_features(pixels.to(dev, self.llava.model.vision_tower.dtype))
+            inputs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=video)}
+        return inputs
+
+    def objective(self, lm_loss_sum, head_loss_sum, tokens, samples):
+        """The training loss, written once: the LM loss per supervised answer token plus head_weight x the head
+        loss per labelled sample. train.py passes the counts of its whole accumulation window over all ranks."""
+        return lm_loss_sum / tokens.clamp(min=1) + self.cfg.head_weight * head_loss_sum / samples.clamp(min=1)
 
     def forward(self, batch: dict) -> dict:
         """LM loss at the supervised answer tokens only (never the (B, L, V) logits) plus the head loss."""
-        ids, labels = batch["input_ids"], batch["labels"]
-        pixels = batch.get("pixel_values_videos")
-        if pixels is not None:
-            pixels = pixels.to(next(self.llava.model.vision_tower.parameters()).dtype)
-        all_layers = self.n_action_tokens > 0 and self.supervise_layer != "last"
-        out = self.llava.model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values_videos=pixels,
-                               output_hidden_states=all_layers, use_cache=False)
+        inputs, cfg = self.lm_inputs(batch), self.cfg
+        out = self.llava.model(**inputs, use_cache=False,
+                               output_hidden_states=cfg.action_tokens > 0 and cfg.supervise_layer != "last")
         h = out.last_hidden_state  # after the final norm, as is hidden_states[-1]
         unused = h.new_zeros(())
-        if pixels is None and self.training:  # a text-only batch (replay, skipped videos) runs the tower on a
-            # blank frame: every rank then runs the same FSDP collectives, and DDP finds every parameter used
-            cfg, size = self.llava.config, self.spec.size
-            blank = h.new_zeros((1, 1, 3, size, size), dtype=self.llava.model.vision_tower.dtype)
-            unused = 0 * self.llava.model.get_video_features(
-                blank, vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output.sum()
-        target = labels[:, 1:]  # position t predicts token t + 1
+        if "mm_encoder_outputs" not in inputs and self.training:  # a text-only batch (replay, skipped videos)
+            # runs the tower on a blank frame: every rank runs the same FSDP collectives, DDP finds every parameter
+            blank = h.new_zeros((1, 1, 3, self.spec.size, self.spec.size), dtype=self.llava.model.vision_tower.dtype)
+            unused = 0 * self.video_features(blank).sum()
+        target = batch["labels"].to(h.device)[:, 1:]  # position t predicts token t + 1
         supervised = target != -100
         logits = self.llava.lm_head(h[:, :-1][supervised]).float()
-        lm_loss_sum = F.cross_entropy(logits, target[supervised], reduction="sum")
-        lm_tokens = supervised.sum()
-        result = dict(lm_loss_sum=lm_loss_sum, lm_tokens=lm_tokens)
-        if self.n_action_tokens == 0:
-            zero = lm_loss_sum.new_zeros(())
-            result.update(head_loss=zero, verb_loss=zero, noun_loss=zero, action_loss=zero, verb_acc=zero,
-                          noun_acc=zero, head_samples=torch.zeros_like(lm_tokens))
-        else:
-            # hidden_states[0] is the embedding output (action_embeds itself): "first" is the first layer's output
-            layers = {"last": None, "first": slice(1, 2), "all": slice(1, None)}[self.supervise_layer]
-            states = [h] if layers is None else out.hidden_states[layers]
-            action_labels = batch.get("action_labels")
-            if action_labels is None:  # still run the heads so every parameter is in the graph (DDP)
-                action_labels = torch.full((len(ids), 3), -100, dtype=torch.long, device=ids.device)
-            result.update(self.head_losses(states, ids == self.action_id, action_labels))
-        w = self.loss_weights
-        result["lm_loss_sum"] = lm_loss_sum + unused  # adds 0: only the graph changes
-        result["loss"] = result["lm_loss_sum"] / lm_tokens.clamp(min=1) + w["head_weight"] * result["head_loss"]
+        result = dict(lm_loss_sum=F.cross_entropy(logits, target[supervised], reduction="sum") + unused,
+                      lm_tokens=supervised.sum())
+        labels = batch.get("action_labels")
+        labels = torch.full((len(h), 3), -100, device=h.device) if labels is None else labels.to(h.device)
+        result.update(self.head_losses(out, inputs["input_ids"] == self.action_id, labels))
+        result["loss"] = self.objective(result["lm_loss_sum"], result["head_loss"] * result["head_samples"],
+                                        result["lm_tokens"], result["head_samples"])
         return result
 
-    def head_losses(self, states, is_action, action_labels) -> dict:
-        """Eq. 5: verb, noun and action CE at the action tokens, averaged over the supervised layers; samples
-        labelled -100 add nothing. Every row holds exactly n_action_tokens <action> ids (data.py's layout)."""
-        w, heads = self.loss_weights, (self.verb_head, self.noun_head, self.action_head)
-        valid = action_labels != -100
-        count = valid.sum(0).clamp(min=1)
-        per_head = 0
+    def head_losses(self, out, is_action, action_labels) -> dict:
+        """Eq. 5: 0.5 verb + 0.5 noun + 0.1 action CE (the *_weight) at the action tokens per labelled sample,
+        summed over the supervised layers and divided by L + 1 (or L); samples labelled -100 add nothing.
+        Without action tokens, zeros. Every row holds exactly cfg.action_tokens <action> ids (data.py's layout)."""
+        cfg, zero = self.cfg, out.last_hidden_state.new_zeros((), dtype=torch.float32)
+        if not cfg.action_tokens:
+            return dict(head_loss=zero, verb_loss=zero, noun_loss=zero, action_loss=zero, verb_acc=zero, noun_acc=zero,
+                        head_samples=torch.zeros((), dtype=torch.long, device=zero.device))
+        # hidden_states[0] is the embedding output (action_embeds itself): "first" is the first layer's output
+        layers = {"last": None, "first": slice(1, 2), "all": slice(1, None)}[cfg.supervise_layer]
+        states = [out.last_hidden_state] if layers is None else out.hidden_states[layers]
+        heads, valid = (self.verb_head, self.noun_head, self.action_head), action_labels != -100
+        count, per_head = valid.sum(0).clamp(min=1), 0
         for s in states:
-            tokens = s[is_action].view(len(s), self.n_action_tokens, -1)
+            tokens = s[is_action].view(len(s), cfg.action_tokens, -1)
             logits = [head(tokens[:, k].to(head.weight.dtype)).float() for head, k in
-                      zip(heads, HEAD_TOKEN[self.n_action_tokens])]
+                      zip(heads, HEAD_TOKEN[cfg.action_tokens])]
             per_head = per_head + torch.stack([F.cross_entropy(lg, action_labels[:, j], reduction="sum")
-                                               for j, lg in enumerate(logits)]) / count / len(states)
-        head_loss = w["verb_weight"] * per_head[0] + w["noun_weight"] * per_head[1] + w["action_weight"] * per_head[2]
+                                               for j, lg in enumerate(logits)]) / count
+        per_head = per_head / (len(states) + (cfg.head_norm == "layers+1"))
+        head_loss = cfg.verb_weight * per_head[0] + cfg.noun_weight * per_head[1] + cfg.action_weight * per_head[2]
         correct = [((lg.argmax(-1) == action_labels[:, j]) & valid[:, j]).sum() / count[j] for j, lg in
                    enumerate(logits[:2])]  # accuracy of the last supervised layer
         per_head = per_head.detach()
@@ -264,38 +515,52 @@ class ActionLLaVA(nn.Module):
                     verb_acc=correct[0], noun_acc=correct[1], head_samples=valid.any(1).sum())
 
     def save(self, out):
-        """A plain from_pretrained directory, plus the heads and what it takes to rebuild them."""
+        """A plain from_pretrained directory, plus heads.pt and action.json (everything it was trained with)."""
         out = Path(out)
         self.llava.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
-        heads = {k: v for k, v in self.state_dict().items() if not k.startswith("llava.")}
-        torch.save(heads, out / "heads.pt")
-        meta = dict(n_action_tokens=self.n_action_tokens, supervise_layer=self.supervise_layer, **self.head_sizes,
-                    loss_weights=self.loss_weights, spec=asdict(self.spec))
-        (out / "action.json").write_text(json.dumps(meta, indent=1))
+        if self.cfg.action_tokens:
+            torch.save({k: v for k, v in self.state_dict().items() if not k.startswith("llava.")}, out / "heads.pt")
+        data.write_json_atomic(out / "action.json", asdict(self.cfg))
 
 
-def load_model(path_or_base, n_verbs, n_nouns, n_actions, n_action_tokens=1, random_init=False, dtype=None,
-               device=None, **loss_flags) -> ActionLLaVA:
-    """A saved ActionLLaVA directory (heads restored; its token count wins; sizes None = the checkpoint's) or a
-    plain LLaVA directory / alias (fresh heads). loss_flags: supervise_layer and the *_weight options."""
-    meta_file = Path(path_or_base) / "action.json"
-    if not meta_file.exists():
-        llava, tokenizer = load_base(str(path_or_base), random_init=random_init, dtype=dtype, device=device)
-        return ActionLLaVA(llava, tokenizer, n_verbs, n_nouns, n_actions, n_action_tokens, **loss_flags)
-    meta = json.loads(meta_file.read_text())
-    have = (meta["n_verbs"], meta["n_nouns"], meta["n_actions"])
-    given = (n_verbs, n_nouns, n_actions)
-    if meta["n_action_tokens"] and any(g is not None and g != h for g, h in zip(given, have)):
-        raise ValueError(f"checkpoint {path_or_base} has heads for {have[0]} verbs, {have[1]} nouns and "
-                         f"{have[2]} actions, but the data has {given[0]}, {given[1]} and {given[2]}")
-    llava, tokenizer = load_base(str(path_or_base), dtype=dtype, device=device)
-    flags = {"supervise_layer": meta["supervise_layer"], **meta["loss_weights"], **loss_flags}
-    model = ActionLLaVA(llava, tokenizer, *have, meta["n_action_tokens"], VisionSpec(**meta["spec"]), **flags)
-    missing, unexpected = model.load_state_dict(torch.load(meta_file.parent / "heads.pt", weights_only=True, map_location=device),
-                                                strict=False)
-    assert not unexpected and all(k.startswith("llava.") for k in missing), (missing, unexpected)
+HEAD_FIELDS = ("n_verbs", "n_nouns", "n_actions", "head_bias")
+
+
+def load_model(name, random_init=False, dtype=None, device=None, tokenizer=None, cache=None, **overrides) -> ActionLLaVA:
+    """An alias, a local folder or a hub id, native or LLaVA-NeXT (converted once), as an ActionLLaVA. A
+    checkpoint with heads keeps its own (its token count and head sizes win; a given size that differs is an
+    error); otherwise `overrides` (ActionConfig fields, None = the checkpoint's) make fresh ones. The layout,
+    prompt style and time instruction are the checkpoint's unless overridden."""
+    llava, tok, saved, heads = load_base(str(name), random_init, dtype, device, tokenizer, cache)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if saved.get("action_tokens"):
+        have = {k: saved.get(k, getattr(ActionConfig, k)) for k in HEAD_FIELDS}
+        clash = [k for k in HEAD_FIELDS if k in given and given[k] != have[k]]
+        if clash:
+            raise ValueError(f"checkpoint {name} has heads for {have['n_verbs']} verbs, {have['n_nouns']} nouns and "
+                             f"{have['n_actions']} actions (bias {have['head_bias']}), but the run asks for "
+                             + ", ".join(f"{k} {given[k]}" for k in clash))
+        given = {k: v for k, v in given.items() if k not in HEAD_FIELDS + ("action_tokens",)}
+    model = ActionLLaVA(llava, tok, ActionConfig(**{**saved, **given}))
+    if heads is not None:
+        try:
+            state = torch.load(heads, weights_only=True, map_location=device)
+        except Exception as e:
+            raise ValueError(f"checkpoint {heads.parent}: heads.pt is corrupt or truncated (torch.load failed: "
+                             f"{type(e).__name__}); re-export it with train.py, or convert the source again") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or not all(k.startswith("llava.") for k in missing):
+            raise ValueError(f"checkpoint {heads.parent}: heads.pt holds {sorted(state)}, the model needs "
+                             f"{sorted(k for k in model.state_dict() if not k.startswith('llava.'))}")
     return model
+
+
+def load_for_eval(name, device, random_init=False, tokenizer=None, cache=None, action_tokens=0):
+    """The one loader of evaluate.py and attention.py: a checkpoint with heads keeps its action token(s) in the
+    prompt, as it was trained; a base gets `action_tokens` (0: zero-shot). bf16 on GPU, fp32 on CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    return load_model(name, random_init, dtype, None, tokenizer, cache, action_tokens=action_tokens).to(device).eval()
 
 
 def describe(model: ActionLLaVA) -> str:
@@ -307,4 +572,27 @@ def describe(model: ActionLLaVA) -> str:
     llava, total = millions(model.llava), millions(model)
     return (f"params {total:.2f}M (vision {vision:.2f}M, projector {projector:.2f}M,"
             f" LM {llava - vision - projector:.2f}M, action token and heads {total - llava:.3f}M),"
-            f" trainable {millions(model, True):.2f}M")
+            f" trainable {millions(model, True):.2f}M; video layout {model.spec.layout}, "
+            f"{model.spec.tokens_per_frame} tokens a frame")
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["convert"], help="convert: a LLaVA-NeXT checkpoint to a native folder")
+    parser.add_argument("src", help="a LLaVA-NeXT folder or hub id (e.g. MLAdaptiveIntelligence/LLaVAction-7B)")
+    parser.add_argument("out", help="the native folder to write (must not exist)")
+    args = parser.parse_args(argv)
+    if Path(args.out).exists():
+        parser.error(f"{args.out} exists; pass a new folder")
+    src = Path(args.src)
+    if not src.is_dir():
+        from huggingface_hub import snapshot_download
+        src = Path(snapshot_download(args.src, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    out = convert(src, args.out)
+    meta = json.loads((out / "action.json").read_text())
+    print(f"wrote {out}: video layout {meta['video_layout']}, {meta['action_tokens']} action token(s), "
+          f"time instruction {'on' if meta['time_instruction'] else 'off'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

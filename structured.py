@@ -3,16 +3,17 @@ prefix (multi-round appending), map choices back to action ids.
 
 Batches come from data.collate: prompts right-padded, each ending with "<|im_start|>assistant\n", so the
 next-token distribution at a row's last real position (length - 1) is the distribution of its answer's first
-token. Everything here is one prompt forward per batch of clips; nothing is generated unless asked.
+token. Everything here is one prompt forward per batch of clips; nothing is generated unless asked. Options are
+scored two ways: by letter (the paper's protocol: the K letters' next-token logits) or by text (each option's
+text as the whole answer against one cached prompt, the lm-eval-harness multiple_choice criterion).
 """
 import re
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+import transformers  # DynamicCache loads on first use
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-IM_END = "<|im_end|>"
+from data import IM_END, LETTERS
 
 
 def letter_token_ids(tokenizer, k) -> torch.LongTensor:
@@ -29,16 +30,10 @@ def prefill(model, batch, cache=None) -> torch.Tensor:
     """One forward over the prompts (video features and the <action> embedding hook apply here, and only here):
     fp32 log-probs (B, V) of the next token at each row's last real position. The LM head runs on those B
     states only, never on (B, L, V). With a cache, it keeps every prompt position, padding included."""
-    llava = model.llava
-    dev = llava.device
-    pixels = batch.get("pixel_values_videos")
-    if pixels is not None:
-        pixels = pixels.to(dev, llava.model.vision_tower.dtype)
-    mask = batch["attention_mask"].to(dev)
-    h = llava.model(input_ids=batch["input_ids"].to(dev), attention_mask=mask, pixel_values_videos=pixels,
-                    past_key_values=cache, use_cache=cache is not None).last_hidden_state
-    last = mask.sum(1) - 1
-    return llava.lm_head(h[torch.arange(len(h), device=dev), last]).float().log_softmax(-1)
+    inputs = model.lm_inputs(batch)
+    h = model.llava.model(**inputs, past_key_values=cache, use_cache=cache is not None).last_hidden_state
+    last = inputs["attention_mask"].sum(1) - 1
+    return model.llava.lm_head(h[torch.arange(len(h), device=h.device), last]).float().log_softmax(-1)
 
 
 @torch.no_grad()
@@ -48,11 +43,6 @@ def score_options(model, batch, n_options) -> torch.Tensor:
     the full vocabulary, renormalised over K, equal the log-softmax of the K letter logits.)"""
     ids = letter_token_ids(model.tokenizer, n_options).to(model.llava.device)
     return prefill(model, batch)[:, ids].log_softmax(-1)
-
-
-def choose(scores) -> torch.LongTensor:
-    """Index of the best option (or candidate) per row."""
-    return scores.argmax(-1)
 
 
 def map_choice_to_action(choice, option_actions, pairs=None):
@@ -128,7 +118,7 @@ def score_candidates(model, batch, candidates, chunk=256, reduce="mean") -> torc
     padding needs no care beyond that: each row's prompt length sets its positions and its last logit."""
     assert reduce in ("mean", "sum")
     llava = model.llava
-    cache = DynamicCache(config=llava.config.text_config)
+    cache = transformers.DynamicCache(config=llava.config.text_config)
     first = prefill(model, batch, cache)  # (B, V): predicts every candidate's first token
     dev, dtype = first.device, llava.lm_head.weight.dtype
     prompt = batch["attention_mask"].to(dev).bool()
@@ -160,20 +150,26 @@ def score_candidates(model, batch, candidates, chunk=256, reduce="mean") -> torc
 
 
 @torch.no_grad()
+def score_option_texts(model, batch, options, chunk=256, reduce="mean") -> torch.Tensor:
+    """Options by text: (B, K) log-likelihood of each row's K option texts (plus <|im_end|>) as the whole answer;
+    HIGHER is better. One score_candidates call over the batch's distinct texts: one prefill per clip, the
+    options in packed passes. Over a recognizer's top-K this is multi-round appending restricted to those K."""
+    texts = sorted({t for row in options for t in row})
+    where = {t: j for j, t in enumerate(texts)}
+    scores = score_candidates(model, batch, candidate_token_ids(model.tokenizer, texts), chunk, reduce)
+    return scores.gather(1, torch.tensor([[where[t] for t in row] for row in options], device=scores.device))
+
+
+@torch.no_grad()
 def generate_answer(model, batch, max_new_tokens=16) -> list[str]:
     """Greedy decoding, for open-ended answers (direct prediction, captions) or generate-and-parse MQA. The
     right-padded prompts are rolled to left padding first: generation appends after each row's last column."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    L = ids.shape[1]
-    roll = (torch.arange(L) - (L - mask.sum(1, keepdim=True))) % L
-    llava, tok = model.llava, model.tokenizer
-    pixels = batch.get("pixel_values_videos")
-    if pixels is not None:
-        pixels = pixels.to(llava.device, llava.model.vision_tower.dtype)
-    out = llava.generate(input_ids=ids.gather(1, roll).to(llava.device),
-                         attention_mask=mask.gather(1, roll).to(llava.device), pixel_values_videos=pixels,
-                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.convert_tokens_to_ids(IM_END))
+    inputs, tok = model.lm_inputs(batch), model.tokenizer
+    L = inputs["input_ids"].shape[1]
+    roll = (torch.arange(L, device=model.llava.device) - (L - inputs["attention_mask"].sum(1, keepdim=True))) % L
+    inputs.update(input_ids=inputs["input_ids"].gather(1, roll), attention_mask=inputs["attention_mask"].gather(1, roll))
+    out = model.llava.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.convert_tokens_to_ids(IM_END))
     return tok.batch_decode(out[:, L:], skip_special_tokens=True)
 
 

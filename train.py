@@ -1,7 +1,7 @@
 """Fine-tune a video LLM for action understanding (LLaVAction): MQA with hard distractors, prior actions, temporal
 detection, direct prediction (captions, replay), plus the action token's verb/noun/action heads.
 
-    python train.py --base tiny --data toy                                       # CPU, minutes, learns
+    python train.py --base tiny --data toy                                       # CPU, minutes
     torchrun --nproc_per_node 2 train.py --base tiny --data toy --parallel fsdp --out runs/toy_fsdp  # sharded (gloo)
     torchrun --nproc_per_node 8 train.py --base llava-video-7b --train-file train.jsonl --annotations EPIC \\
         --video-root VIDEOS --frames 16 --out runs/NAME
@@ -10,7 +10,8 @@ detection, direct prediction (captions, replay), plus the action token's verb/no
 A plain `python train.py` is rank 0 of a process group of one, so there is a single code path. What a step does
 is fixed by its number: the samples (a permutation per epoch cut into global batches that do not depend on the
 number of ranks), the learning rate (a function of the step and the planned total), each clip's frame jitter
-(seeded per item by data.TaskDataset). --resume therefore continues with exactly the next batch.
+(seeded per item by data.TaskDataset). --resume therefore continues with exactly the next batch. The prompt style,
+time instruction and video layout default to the base's own (what its weights saw) and are saved with the run.
 """
 import argparse
 import contextlib
@@ -35,134 +36,131 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 import data
-import evaluate
 import mine
+import structured
 from model import ActionLLaVA, describe, load_model
 
-# -----------------------------------------------------------------------------
-# config: every flag with the paper's default; --data toy fills TOY_PRESET into the flags not given
+TOY_VIDEOS = (12, 2)  # train / validation videos of the quickstart's toy kitchen
+TOY_EXPECTATION = ("\nOn the toy, expect the option texts well above chance and the letters near it: a random-init LM "
+                   "learns the actions in minutes (heads, texts, multi-round) but not yet to copy the letter of the "
+                   "matching option, which a pretrained base does from the start.")
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 allow_abbrev=False)
-parser.add_argument("--data", choices=["toy"], default=None, help="toy: make the toy kitchen under --annotations "
-                    "(default toy/) and its mined MQA files when missing, and apply the toy preset")
-parser.add_argument("--train-file", action="append", default=None,
-                    help="MQA JSONL from mine.py; repeat the flag or comma-separate")
-parser.add_argument("--annotations", default=None, help="EPIC annotation root: classes, and the segments of the "
-                    "prior-action, temporal and direct tasks")
-parser.add_argument("--split", default="train", help="annotation split the training files were mined from")
-parser.add_argument("--video-root", default=None, help="default {annotations}/videos")
-parser.add_argument("--frames", type=int, default=16, help="frames per clip")
-parser.add_argument("--time-prompt", action="store_true", help="prefix LLaVA-Video's time instruction")
-parser.add_argument("--prompt", choices=["ego", "allo"], default="ego", help="MQA prompt: egocentric or allocentric")
-parser.add_argument("--prior-ratio", type=float, default=0.3, help="share of MQA rows asked with two prior actions")
-parser.add_argument("--no-temporal", action="store_true", help="leave out the temporal detection task")
-parser.add_argument("--no-direct", action="store_true", help="leave out the direct prediction task")
-parser.add_argument("--pad-seconds", type=float, default=3.0, help="temporal detection: padding around the action")
-parser.add_argument("--captions", default=None, help="captions and open QA by narration id (JSON)")
-parser.add_argument("--replay", default=None, help="LLaVA conversation JSON replayed against forgetting")
-parser.add_argument("--replay-root", default=None, help="videos of --replay (default: the JSON's folder)")
-parser.add_argument("--replay-ratio", type=float, default=0.0, help="replay rows per task row")
-parser.add_argument("--skip-bad", action="store_true", help="count unreadable videos and go on without them")
-parser.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
-                    help="DataLoader workers decoding clips, per rank (default: cores / (4 x ranks on the node), at most 4)")
-parser.add_argument("--eval-file", default=None, help="MQA benchmark (mine.py) evaluated at the end")
-parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps, and at step 0 (0: end only)")
-parser.add_argument("--eval-batch-size", type=int, default=8)
-parser.add_argument("--base", default="llava-video-7b", help="model.py alias or a local directory")
-parser.add_argument("--random-init", action="store_true", help="the base's architecture with random weights")
-parser.add_argument("--action-tokens", type=int, choices=[0, 1, 3], default=1)
-parser.add_argument("--supervise-layer", choices=["last", "first", "all"], default="last")
-parser.add_argument("--head-weight", type=float, default=0.1, help="head loss weight against the LM loss")
-parser.add_argument("--verb-weight", type=float, default=0.5)
-parser.add_argument("--noun-weight", type=float, default=0.5)
-parser.add_argument("--action-weight", type=float, default=0.1)
-parser.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations in the backward")
-parser.add_argument("--batch-size", type=int, default=64, help="global: samples per optimizer step, all ranks")
-parser.add_argument("--grad-accum", type=int, default=2, help="micro-steps per optimizer step")
-parser.add_argument("--epochs", type=int, default=2)
-parser.add_argument("--max-steps", type=int, default=None, help="planned optimizer steps (overrides --epochs)")
-parser.add_argument("--stop-after", type=int, default=None, help="checkpoint and stop at this step; the schedule "
-                    "still runs to the planned end, so --resume continues it")
-parser.add_argument("--lr", type=float, default=1e-5, help="projector, LLM, action token, heads")
-parser.add_argument("--lr-vision", type=float, default=2e-6, help="vision tower")
-parser.add_argument("--warmup-ratio", type=float, default=0.03)
-parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-parser.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--out", default=None, help="run directory (default runs/{base name}; runs/toy with --data toy)")
-parser.add_argument("--resume", default=None, help="run directory to continue; its args.json fills the flags not given")
-parser.add_argument("--save-every", type=int, default=1000, help="DCP checkpoint every N steps (and at the end)")
-parser.add_argument("--log-every", type=int, default=10)
-parser.add_argument("--peak-tflops", type=float, default=None, help="per device, for MFU (default from the GPU name)")
 
-TOY_K, TOY_DRAWS, TOY_VIDEOS = 5, 8, (12, 2)  # options per question; training MQA draws; train/val videos
+def build_parser():
+    """Every flag with the paper's default; --data toy and --resume layer their own defaults on top."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--data", choices=["toy"], default=None, help="toy: make the toy kitchen under --annotations "
+                   "(default toy/) and its mined MQA files when missing, and apply the toy preset")
+    p.add_argument("--train-file", action="append", default=None,
+                   help="MQA JSONL from mine.py; repeat the flag or comma-separate")
+    p.add_argument("--annotations", default=None, help="EPIC annotation root: classes, and the segments of the "
+                   "prior-action, temporal and direct tasks")
+    p.add_argument("--split", default="train", help="annotation split the training files were mined from")
+    p.add_argument("--video-root", default=None, help="default {annotations}/videos")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip")
+    p.add_argument("--prompt-style", choices=data.STYLES, default=None, help="official (the authors' code) or "
+                   "paper (appendix C); default: the base's own")
+    p.add_argument("--time-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="the time instruction before each video question (default: the base's own)")
+    p.add_argument("--perspective", choices=list(data.PERSPECTIVES), default="ego", help="egocentric or allocentric")
+    p.add_argument("--prior-ratio", type=float, default=0.3, help="share of MQA rows asked with two prior actions")
+    p.add_argument("--temporal", choices=[*data.TEMPORAL_FORMS, "none"], default="paper",
+                   help="temporal detection: paper (3 s pad, 'start: end'), official (5 s, 'start, end') or none")
+    p.add_argument("--no-direct", action="store_true", help="leave out the direct prediction task")
+    p.add_argument("--captions", default=None, help="captions and open QA by narration id (JSON)")
+    p.add_argument("--replay", default=None, help="LLaVA conversation JSON replayed against forgetting")
+    p.add_argument("--replay-root", default=None, help="videos of --replay (default: the JSON's folder)")
+    p.add_argument("--replay-ratio", type=float, default=0.0, help="replay rows per task row")
+    p.add_argument("--skip-bad", action="store_true", help="count unreadable videos and go on without them")
+    p.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
+                   help="DataLoader workers decoding clips, per rank (default: cores / (4 x ranks on the node), at most 4)")
+    p.add_argument("--benchmark", default=None, help="MQA benchmark (mine.py) evaluated at the end")
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps, and at step 0 (0: end only)")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--base", default="llava-video-7b", help="alias (model.py), a local folder (native or LLaVA-NeXT), "
+                   "or a hub id")
+    p.add_argument("--random-init", action="store_true", help="the base's architecture with random weights")
+    p.add_argument("--tokenizer", default=None, help="--random-init of an alias: a tokenizer folder, or 'tiny'")
+    p.add_argument("--cache", default=None, help="folder for checkpoints converted from the LLaVA-NeXT format")
+    p.add_argument("--video-layout", choices=["grid", "hf"], default=None, help="default: the base's own")
+    p.add_argument("--action-tokens", type=int, choices=[0, 1, 3], default=1)
+    p.add_argument("--supervise-layer", choices=["last", "first", "all"], default="last")
+    p.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="biases in the verb/noun/action heads (the release has none)")
+    p.add_argument("--head-norm", choices=["layers+1", "layers"], default="layers+1", help="divide the summed "
+                   "per-layer head losses by L + 1 (the release) or by L (twice the weight at one layer)")
+    p.add_argument("--head-weight", type=float, default=0.1, help="head loss weight against the LM loss")
+    p.add_argument("--verb-weight", type=float, default=0.5)
+    p.add_argument("--noun-weight", type=float, default=0.5)
+    p.add_argument("--action-weight", type=float, default=0.1)
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations in the backward")
+    p.add_argument("--batch-size", type=int, default=64, help="global: samples per optimizer step, all ranks")
+    p.add_argument("--grad-accum", type=int, default=2, help="micro-steps per optimizer step")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=None, help="planned optimizer steps (overrides --epochs)")
+    p.add_argument("--stop-after", type=int, default=None, help="checkpoint and stop at this step; the schedule "
+                   "still runs to the planned end, so --resume continues it")
+    p.add_argument("--lr", type=float, default=1e-5, help="projector, LLM, action token, heads")
+    p.add_argument("--lr-vision", type=float, default=2e-6, help="vision tower")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run directory (default runs/{base name}; runs/toy with --data toy)")
+    p.add_argument("--resume", default=None, help="run directory to continue; its args.json fills the flags not given")
+    p.add_argument("--save-every", type=int, default=1000, help="DCP checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--peak-tflops", type=float, default=None, help="per device, for MFU (default from the GPU name)")
+    return p
 
 
 def toy_preset(root):
     """The quickstart: minutes on a CPU. In that time the tiny random-init model learns the actions (heads,
-    multi-round), not yet to answer by option letter (README, Known gap); a real base answers letters from the start."""
-    return dict(base="tiny", annotations=str(root), out="runs/toy",
-                train_file=[f"{root}/train_mqa_avion_k{TOY_K}_pool{2 * (TOY_K - 1)}_x{TOY_DRAWS}.jsonl"],
-                eval_file=f"{root}/ek100_mqa_tim_k{TOY_K}.jsonl", frames=8, batch_size=16, grad_accum=1,
-                epochs=1, lr=2e-3, lr_vision=2e-3, warmup_ratio=0.05, log_every=10, save_every=500)
+    option texts, multi-round), not yet to answer by option letter; a real base answers letters from the start."""
+    return dict(base="tiny", annotations=str(root), out="runs/toy", train_file=[f"{root}/{mine.TOY_TRAIN}"],
+                benchmark=f"{root}/{mine.TOY_BENCHMARK}", frames=8, batch_size=16, grad_accum=1, epochs=1,
+                lr=2e-3, lr_vision=2e-3, warmup_ratio=0.05, log_every=10, save_every=500)
 
 
 def resolve_args(argv):
-    """Flags given on the command line win, then the resumed run's args.json, then the toy preset, then defaults."""
+    """Flags given on the command line win, then the resumed run's args.json, then the toy preset, then the
+    defaults: each layer is a parser.set_defaults under one more parse. Returns (args, the preset values used)."""
+    parser = build_parser()
+    first = parser.parse_args(argv)
+    saved = json.loads((Path(first.resume) / "args.json").read_text()) if first.resume else {}
+    root = first.annotations or saved.get("annotations") or "toy"
+    preset = toy_preset(root) if (first.data or saved.get("data")) == "toy" else {}
+    parser.set_defaults(**preset)
+    parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "out")})
     args = parser.parse_args(argv)
-    given = {a.dest for a in parser._actions for s in a.option_strings for x in argv if x == s or x.startswith(s + "=")}
-    if args.resume:
-        saved = json.loads((Path(args.resume) / "args.json").read_text())
-        for k, v in saved.items():
-            if k not in given and k not in ("resume", "stop_after", "out"):
-                setattr(args, k, v)
-        args.out = args.out or args.resume
-        given |= saved.keys()
-    preset = {k: v for k, v in toy_preset(args.annotations or "toy").items() if k not in given} if args.data else {}
-    vars(args).update(preset)
+    if first.resume and first.out is None:  # a resumed run continues in its own folder unless told otherwise
+        args.out = first.resume
     if args.train_file:
         args.train_file = [f for arg in args.train_file for f in arg.split(",") if f]
     args.video_root = args.video_root or (args.annotations and str(Path(args.annotations) / "videos"))
     args.out = args.out or str(Path("runs") / Path(args.base).name)
     if not args.annotations or not args.train_file:
         parser.error("need --annotations and --train-file (or --data toy)")
-    return args, preset
+    if args.batch_size % args.grad_accum:
+        parser.error(f"--batch-size {args.batch_size} is not a multiple of --grad-accum {args.grad_accum}")
+    return args, {k: v for k, v in preset.items() if getattr(args, k) == v}
 
 # -----------------------------------------------------------------------------
 # data
 
 
-def prepare_toy(args):
-    """--data toy: the toy kitchen; training MQA from AVION, drawn TOY_DRAWS times (K-1 distractors from its top
-    2(K-1), options shuffled anew: the tiny model must match options to the video, it cannot memorise letters);
-    the validation benchmark from TIM (eq. 3): another recognizer's errors, as in the paper."""
-    preset, root = toy_preset(args.annotations), Path(args.annotations)
-    if not (root / data.SPLIT_FILES["train"]).exists():
-        data.make_toy(root, videos_per_split=TOY_VIDEOS)
-    ann = data.load_annotations(root)
-    train_file, eval_file = preset["train_file"][0], preset["eval_file"]
-    if not Path(train_file).exists():
-        scores = mine.read_scores(root / "scores" / "avion_train.npz", ann, "train")
-        data.write_jsonl_atomic(train_file, [row for draw in range(TOY_DRAWS) for row in mine.mine(
-            ann, "train", scores, k=TOY_K, pool=2 * (TOY_K - 1), seed=args.seed + draw)])
-    if not Path(eval_file).exists():
-        scores = mine.read_scores(root / "scores" / "tim_validation.npz", ann, "validation")
-        data.write_jsonl_atomic(eval_file, mine.mine(ann, "validation", scores, k=TOY_K, seed=args.seed))
-
-
 def training_rows(args, ann):
-    """The task mix of data.build_training_samples; the same on every rank (one seeded generator)."""
+    """The task mix of data.build_training_samples in the run's prompt style; the same on every rank."""
     mqa = [r for f in args.train_file for r in data.read_jsonl(f)]
     replay = data.read_replay(args.replay, args.replay_root) if args.replay else None
     return data.build_training_samples(
-        ann, args.split, mqa, np.random.default_rng(args.seed), prior_ratio=args.prior_ratio,
-        temporal=not args.no_temporal, direct=not args.no_direct, pad_seconds=args.pad_seconds, captions=args.captions,
-        replay=replay, replay_ratio=args.replay_ratio, prompt=data.ALLO_PROMPT if args.prompt == "allo" else data.EGO_PROMPT)
+        ann, args.split, mqa, np.random.default_rng(args.seed), style=args.prompt_style, perspective=args.perspective,
+        prior_ratio=args.prior_ratio, temporal=None if args.temporal == "none" else args.temporal,
+        direct=not args.no_direct, captions=args.captions, replay=replay, replay_ratio=args.replay_ratio)
 
 
 def epoch_batches(n_rows, epoch, steps, args, rank, world, start):
@@ -197,10 +195,21 @@ def parallelize(model, args, device):
     so DDP needs no find_unused_parameters."""
     if args.parallel == "fsdp":
         mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-        for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        llava = model.llava.model
+        for layer in [*llava.language_model.layers, *llava.vision_tower.encoder.layers]:
             fully_shard(layer, mp_policy=mp)
         return fully_shard(model, mp_policy=mp)
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def build_optimizer(raw, args):
+    """AdamW with two groups, the vision tower (--lr-vision) and everything else (--lr); returns (opt, params)."""
+    params = [p for p in raw.parameters() if p.requires_grad]
+    vision = {id(p) for p in raw.llava.model.vision_tower.parameters()}
+    opt = torch.optim.AdamW([{"params": [p for p in params if id(p) in vision], "peak": args.lr_vision},
+                             {"params": [p for p in params if id(p) not in vision], "peak": args.lr}],
+                            lr=args.lr, weight_decay=args.weight_decay, foreach=True)
+    return opt, params
 
 
 def grad_sync(model, sync):
@@ -254,8 +263,8 @@ def save_checkpoint(model, opt, args, state, rank):
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
-        (path / "args.json").write_text(json.dumps(vars(args), indent=1))
-        (path / "train_state.json").write_text(json.dumps(state, indent=1))
+        data.write_json_atomic(path / "args.json", vars(args))
+        data.write_json_atomic(path / "train_state.json", state)
 
 
 def load_checkpoint(model, opt, run, rank):
@@ -278,35 +287,157 @@ def export(model, out, dtype, rank):
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         with torch.device("meta"):
-            twin = ActionLLaVA(type(model.llava)(model.llava.config), model.tokenizer, **model.head_sizes,
-                               n_action_tokens=model.n_action_tokens, spec=model.spec,
-                               supervise_layer=model.supervise_layer, **model.loss_weights)
+            twin = ActionLLaVA(type(model.llava)(model.llava.config), model.tokenizer, model.cfg)
         twin.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}, assign=True)
         twin.save(out)
     dist.barrier()
 
+# -----------------------------------------------------------------------------
+# the in-training MQA check, the step's statistics, the run folder
 
-def evaluate_in_place(model, args, rows, autocast):
-    """MQA accuracy of the training model. evaluate.py calls LLaVA's submodules, which FSDP's root hooks would not
-    unshard, so every unit is gathered for the evaluation and resharded after."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if units:  # before the first training forward (--eval-every), or a unit would make itself the root
-        model._get_fsdp_state()._lazy_init()
+
+@torch.no_grad()
+def evaluate_mqa(raw, rows, args, autocast):
+    """MQA accuracy of the training model, the options read by letter and by text (structured.py). Each rank
+    scores rows[rank::world], padded with repeats (not counted) to the same number of batches so FSDP's
+    per-forward collectives line up; counts are summed over ranks. structured.py calls LLaVA's submodules, which
+    FSDP's root hooks would not unshard, so every unit is gathered for the evaluation and resharded after (the
+    root initialised first: before the first training forward a unit would make itself the root)."""
+    units = [m for m in raw.modules() if isinstance(m, FSDPModule)]
+    if units:
+        raw._get_fsdp_state()._lazy_init()
     for m in units:
         m.unshard()
-    with autocast:
-        result = evaluate.evaluate_mqa(model, rows, args.video_root, args.frames, args.eval_batch_size,
-                                       args.num_workers, args.skip_bad, args.time_prompt)
+    rank, world, k_options = dist.get_rank(), dist.get_world_size(), len(rows[0]["options"])
+    share = list(range(rank, len(rows), world))
+    padded = share + [i % len(rows) for i in range(-(-len(rows) // world) - len(share))]
+    dataset = data.TaskDataset(rows, args.video_root, raw.tokenizer, raw.spec, args.frames, raw.cfg.action_tokens,
+                               time_prompt=args.time_prompt, skip_bad=args.skip_bad, with_answer=False)
+    batches = [padded[i:i + args.eval_batch_size] for i in range(0, len(padded), args.eval_batch_size)]
+    was_training, counts = raw.training, torch.zeros(4, dtype=torch.float64)  # letter, text right; scored, skipped
+    raw.eval()
+    for k, items in enumerate(DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, collate_fn=list)):
+        batch = data.collate(items, raw.tokenizer.pad_token_id)
+        with autocast:
+            letter = structured.score_options(raw, batch, k_options).argmax(-1).tolist()
+            text = structured.score_option_texts(raw, batch, [rows[x["index"]]["options"] for x in items]).argmax(-1).tolist()
+        for j, item in enumerate(items):
+            if k * args.eval_batch_size + j < len(share):
+                good, truth = item["bad"] is None, rows[item["index"]]["answer_index"]
+                counts += torch.tensor([good and letter[j] == truth, good and text[j] == truth, good, not good])
+    raw.train(was_training)
     for m in units:
         m.reshard()
-    return result
+    counts = counts.to(raw.llava.device)
+    dist.all_reduce(counts)
+    letter, text, n, bad = counts.tolist()
+    return dict(letter=letter / max(n, 1), text=text / max(n, 1), chance=1 / k_options, n=int(n), skipped_bad=int(bad))
+
+
+def check_mqa(raw, rows, args, autocast, log, say, step):
+    """The in-training MQA check, logged and printed."""
+    r = evaluate_mqa(raw, rows, args, autocast)
+    log(dict(step=step, mqa_letter=r["letter"], mqa_text=r["text"], eval_n=r["n"], eval_skipped_bad=r["skipped_bad"]))
+    say(f"\nstep {step}: MQA accuracy {r['text']:.4f} by option text, {r['letter']:.4f} by letter (chance "
+        f"{r['chance']:.2f}) on {r['n']} questions of {args.benchmark}")
+    return r
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def reduce_window(window, device):
+    """A logging window's named sums over all ranks: the one host sync of a window."""
+    names = sorted(window)
+    sums = torch.stack([torch.as_tensor(window[k], dtype=torch.float64, device=device) for k in names])
+    dist.all_reduce(sums)
+    return dict(zip(names, sums.tolist()))
+
+
+def step_stats(res):
+    """What one micro-step adds to the logging window, by name: sums over its tokens and labelled samples."""
+    hs = res["head_samples"].to(torch.float32)
+    return dict(lm_sum=res["lm_loss_sum"].detach(), lm_tokens=res["lm_tokens"].float(), head_sum=res["head_loss"].detach() * hs,
+                verb_sum=res["verb_loss"] * hs, noun_sum=res["noun_loss"] * hs, action_sum=res["action_loss"] * hs,
+                verb_correct=res["verb_acc"] * hs, noun_correct=res["noun_acc"] * hs, head_samples=hs)
+
+
+def log_record(raw, s, step, epoch, lrs, dt, state, n_params, peak_tflops, world, grad_norm):
+    """One log.jsonl line from a window's all-reduced sums `s`."""
+    n_head = max(s["head_samples"], 1)
+    loss = raw.objective(*(torch.tensor(s[k]) for k in ("lm_sum", "head_sum", "lm_tokens", "head_samples")))
+    record = dict(step=step, epoch=epoch, loss=float(loss), lm_loss=s["lm_sum"] / max(s["lm_tokens"], 1),
+                  head_loss=s["head_sum"] / n_head, verb_loss=s["verb_sum"] / n_head, noun_loss=s["noun_sum"] / n_head,
+                  action_loss=s["action_sum"] / n_head, verb_acc=s["verb_correct"] / n_head,
+                  noun_acc=s["noun_correct"] / n_head, lr_vision=lrs[0], lr=lrs[1], tokens_per_s=s["tokens"] / dt,
+                  samples_per_s=s["samples"] / dt, bad_videos=state["bad_videos"], clamped_frames=state["clamped_frames"])
+    if peak_tflops:  # 6 x parameters x tokens: forward and backward of a dense model, per second
+        record["mfu"] = 6 * n_params * s["tokens"] / dt / (peak_tflops * 1e12 * world)
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    return record
+
+
+def prepare(args, rank, world, say):
+    """Everything the run reads, before it writes anything: the toy kitchen (--data toy, rank 0 first), the
+    annotations, the model (its resolved prompt style, time instruction and layout go back into args), the
+    training rows and the benchmark's, asked in that style."""
+    if args.batch_size % (world * args.grad_accum):
+        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of ranks x --grad-accum = {world * args.grad_accum}")
+    if args.data and rank == 0:
+        if not (Path(args.annotations) / data.SPLIT_FILES["train"]).exists():
+            data.make_toy(args.annotations, videos_per_split=TOY_VIDEOS)
+        mine.mine_toy(args.annotations, args.seed)
+    dist.barrier()
+    ann = data.load_annotations(args.annotations)
+    torch.manual_seed(args.seed)  # the heads start alike on every rank: FSDP shards each rank's own initialisation
+    raw = load_model(args.base, args.random_init, tokenizer=args.tokenizer, cache=args.cache, n_verbs=len(ann.vocab.verbs),
+                     n_nouns=len(ann.vocab.nouns), n_actions=len(ann.vocab), action_tokens=args.action_tokens,
+                     head_bias=args.head_bias, supervise_layer=args.supervise_layer, head_weight=args.head_weight,
+                     verb_weight=args.verb_weight, noun_weight=args.noun_weight, action_weight=args.action_weight,
+                     head_norm=args.head_norm, video_layout=args.video_layout, prompt_style=args.prompt_style,
+                     time_instruction=args.time_prompt)
+    args.prompt_style, args.time_prompt, args.video_layout = raw.cfg.prompt_style, raw.cfg.time_instruction, raw.cfg.video_layout
+    rows = training_rows(args, ann)
+    eval_rows = [dict(r, question=data.mqa_question(r["options"], args.prompt_style, args.perspective))
+                 for r in data.read_jsonl(args.benchmark)] if args.benchmark else None
+    if len(rows) < args.batch_size:
+        raise SystemExit(f"{len(rows)} training rows make no global batch of --batch-size {args.batch_size}")
+    say(f"{describe(raw)}; {args.prompt_style} prompts, time instruction {'on' if args.time_prompt else 'off'}; "
+        f"{len(rows)} training rows")
+    return raw, rows, eval_rows
+
+
+def open_run(args, raw, opt, rank, say):
+    """Lock {out} (one run at a time) and refuse a fresh run over an earlier one's checkpoints (a later --resume
+    would pick them up); save the resolved flags; resume the model, optimizer and RNG; trim the log to the
+    checkpoint's step. Returns the train state and the log file."""
+    out = Path(args.out)
+    if rank == 0:
+        data.lock_folder(out)
+        earlier = sorted(out.glob("step_*/train_state.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+        if earlier and not args.resume:
+            raise SystemExit(f"{out} holds checkpoints of an earlier run (up to {earlier[-1].parent.name}): continue "
+                             f"it with --resume {out}, or pass another --out, or delete {out}")
+        data.write_json_atomic(out / "args.json", vars(args))
+    dist.barrier()
+    state = dict(step=0, epoch=0, step_in_epoch=0, bad_videos=0, clamped_frames=0)
+    if args.resume:
+        state = load_checkpoint(raw, opt, args.resume, rank)
+        say(f"resumed {args.resume} at step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']}"
+            f" in it)" + ("" if Path(args.resume) == out else f"; continuing in {out}"))
+    else:
+        torch.manual_seed(args.seed + rank)  # per-rank randomness from here on (dropout, if any)
+    old_log = Path(args.resume or out) / "log.jsonl"
+    if rank == 0 and old_log.exists():  # a resumed run drops what the killed one logged after its checkpoint
+        kept = [line for line in old_log.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+        data.write_atomic(out / "log.jsonl", "".join(line + "\n" for line in kept) if args.resume else "")
+    return state, out / "log.jsonl"
 
 # -----------------------------------------------------------------------------
 # training
-
-
-STATS = ("lm_sum", "lm_tokens", "head_sum", "verb_sum", "noun_sum", "action_sum", "verb_correct", "noun_correct",
-         "head_samples")
 
 
 def main(argv):
@@ -318,148 +449,74 @@ def main(argv):
     if preset:
         say("toy preset: " + " ".join(f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}"
                                       for k, v in preset.items()))
-    if args.batch_size % (world * args.grad_accum):
-        parser.error(f"--batch-size {args.batch_size} is not a multiple of ranks x --grad-accum = {world * args.grad_accum}")
-    out = Path(args.out)
-    earlier = sorted(out.glob("step_*/train_state.json"), key=lambda p: int(p.parent.name.split("_")[1]))
-    if earlier and not args.resume:  # a fresh run here would leave them to a later --resume
-        parser.error(f"{out} holds checkpoints of an earlier run (up to {earlier[-1].parent.name}): continue it with "
-                     f"--resume {out}, or pass another --out, or delete {out}")
-    if rank == 0:  # rank 0 first: it may make the toy set and write actions.csv
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-        if args.data:
-            prepare_toy(args)
-        data.load_annotations(args.annotations)
-    dist.barrier()
-    ann = data.load_annotations(args.annotations)
-    rows = training_rows(args, ann)
-    eval_rows = evaluate.benchmark_rows(args.eval_file) if args.eval_file else None
+    raw, rows, eval_rows = prepare(args, rank, world, say)
     steps_per_epoch = len(rows) // args.batch_size
-    if steps_per_epoch == 0:
-        parser.error(f"{len(rows)} training rows make no global batch of --batch-size {args.batch_size}")
     total = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
-    stop = min(total, args.stop_after if args.stop_after is not None else total)
-    warmup = math.ceil(args.warmup_ratio * total)
-
-    torch.manual_seed(args.seed)  # the heads start alike on every rank: FSDP shards each rank's own initialisation
-    raw = load_model(args.base, len(ann.vocab.verbs), len(ann.vocab.nouns), len(ann.vocab), args.action_tokens,
-                     random_init=args.random_init, supervise_layer=args.supervise_layer, head_weight=args.head_weight,
-                     verb_weight=args.verb_weight, noun_weight=args.noun_weight, action_weight=args.action_weight)
-    say(f"{describe(raw)}; {len(rows)} training rows, {steps_per_epoch} steps an epoch, {total} steps planned; "
-        f"{world} rank(s) x {args.grad_accum} micro-batches of {args.batch_size // (world * args.grad_accum)}")
+    stop, warmup = min(total, args.stop_after if args.stop_after is not None else total), math.ceil(args.warmup_ratio * total)
+    say(f"{steps_per_epoch} steps an epoch, {total} steps planned; {world} rank(s) x {args.grad_accum} micro-batches "
+        f"of {args.batch_size // (world * args.grad_accum)}")
     raw.to(device).train()
     if args.grad_checkpointing:
         raw.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_params = sum(p.numel() for p in raw.parameters())
     model = parallelize(raw, args, device)  # FSDP2 shards raw in place; DDP wraps it
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda and args.parallel == "ddp" else contextlib.nullcontext()
-    params = [p for p in raw.parameters() if p.requires_grad]
-    vision = {id(p) for p in raw.llava.model.vision_tower.parameters()}
-    opt = torch.optim.AdamW([{"params": [p for p in params if id(p) in vision]},
-                             {"params": [p for p in params if id(p) not in vision]}],
-                            lr=args.lr, weight_decay=args.weight_decay, foreach=True)
-    peaks = (args.lr_vision, args.lr)
-    state = dict(step=0, epoch=0, step_in_epoch=0, bad_videos=0, clamped_frames=0)
-    log_path, old_log = out / "log.jsonl", Path(args.resume or out) / "log.jsonl"
-    if args.resume:  # its RNG states included
-        state = load_checkpoint(raw, opt, args.resume, rank)
-        say(f"resumed {args.resume} at step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']}"
-            f" in it)" + ("" if Path(args.resume) == out else f"; continuing in {out}"))
-    else:
-        torch.manual_seed(args.seed + rank)  # per-rank randomness from here on (dropout, if any)
-    if rank == 0 and old_log.exists():  # a resumed run drops what the killed one logged after its checkpoint
-        kept = [line for line in old_log.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
-        log_path.write_text("".join(line + "\n" for line in kept) if args.resume else "")
+    opt, params = build_optimizer(raw, args)
+    state, log_path = open_run(args, raw, opt, rank, say)
 
-    def log(record):
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def run_eval(step):
-        result = evaluate_in_place(raw, args, eval_rows, autocast)
-        log(dict(step=step, mqa_accuracy=result["accuracy"], eval_n=result["n"], eval_skipped_bad=result["skipped_bad"]))
-        say(f"\nstep {step}: MQA accuracy {result['accuracy']:.4f} on {result['n']} questions of {args.eval_file}")
-        return result
-
-    dataset = data.TaskDataset(rows, args.video_root, raw.tokenizer, raw.spec, args.frames, args.action_tokens,
+    log = functools.partial(append_log, log_path) if rank == 0 else lambda record: None
+    run_eval = functools.partial(check_mqa, raw, eval_rows, args, autocast, log, say)
+    dataset = data.TaskDataset(rows, args.video_root, raw.tokenizer, raw.spec, args.frames, raw.cfg.action_tokens,
                                train=True, time_prompt=args.time_prompt, skip_bad=args.skip_bad, seed=args.seed)
     collate = functools.partial(data.collate, pad_id=raw.tokenizer.pad_token_id)
-    head_weight, peak_tflops = args.head_weight, args.peak_tflops or default_peak_tflops(device)
-    window = torch.zeros(len(STATS), dtype=torch.float64, device=device)
-    host = dict(tokens=0, samples=0, bad=0, clamped=0)  # plain ints from the CPU batches: no device sync
-    step, result = state["step"], None
-    if eval_rows and args.eval_every and step == 0:
-        result = run_eval(0)
+    peak_tflops, window, step = args.peak_tflops or default_peak_tflops(device), {}, state["step"]
+    result = run_eval(0) if eval_rows and args.eval_every and step == 0 else None
     pbar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     t_last = time.time()
     while step < stop:
         epoch, start = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
-        batches = iter(DataLoader(dataset, batch_sampler=epoch_batches(len(rows), epoch, steps_per_epoch, args, rank,
-                                                                       world, start),
-                                  collate_fn=collate, num_workers=args.num_workers, pin_memory=cuda,
+        batches = iter(DataLoader(dataset, batch_sampler=epoch_batches(len(rows), epoch, steps_per_epoch, args, rank, world,
+                                  start), collate_fn=collate, num_workers=args.num_workers, pin_memory=cuda,
                                   prefetch_factor=4 if args.num_workers else None))
         while step < min(stop, (epoch + 1) * steps_per_epoch):
             micro = [next(batches) for _ in range(args.grad_accum)]
             # The normalisers are known before any forward (labels come with the batch): the window's supervised
-            # answer tokens and labelled samples over all ranks. Each micro-step backpropagates
-            #   (lm_loss_sum / tokens_all + head_weight * head_loss_mean * head_samples / samples_all) * world,
-            # and DDP / FSDP average gradients over ranks (/ world): the gradient of the token mean of the LM loss
-            # (answers of any length weigh per token) plus the sample mean of the head loss, over the global batch.
+            # answer tokens and labelled samples over all ranks. Each micro-step backpropagates objective(...) of
+            # its sums against those global counts, x world since DDP / FSDP average gradients over ranks: the
+            # gradient of the token mean of the LM loss plus the sample mean of the head loss, over the global batch.
             counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
                                    sum(int((b["action_labels"] != -100).any(1).sum()) for b in micro)],
                                   dtype=torch.float32, device=device)
             dist.all_reduce(counts)
-            tokens_all, samples_all = counts.clamp(min=1)
-            scale = lr_scale(step, total, warmup)
-            for group, peak in zip(opt.param_groups, peaks):
-                group["lr"] = peak * scale
+            for group in opt.param_groups:
+                group["lr"] = group["peak"] * lr_scale(step, total, warmup)
             for i, b in enumerate(micro):
-                host["tokens"] += int(b["attention_mask"].sum())
-                host["samples"] += len(b["input_ids"])
-                host["bad"] += b["bad"]
-                host["clamped"] += b["clamped"]
+                host = dict(tokens=int(b["attention_mask"].sum()), samples=len(b["input_ids"]), bad=b["bad"],
+                            clamped=b["clamped"])  # plain ints from the CPU batch: no device sync
                 b = {k: v.to(device, non_blocking=True) for k, v in b.items() if torch.is_tensor(v)}
                 with grad_sync(model, i == args.grad_accum - 1):
                     with autocast:
                         res = model(b)
-                    hs = res["head_samples"].to(torch.float32)
-                    loss = (res["lm_loss_sum"] / tokens_all + head_weight * res["head_loss"] * hs / samples_all) * world
-                    loss.backward()
-                window += torch.stack([res["lm_loss_sum"].detach(), res["lm_tokens"].float(), res["head_loss"].detach() * hs,
-                                       res["verb_loss"] * hs, res["noun_loss"] * hs, res["action_loss"] * hs,
-                                       res["verb_acc"] * hs, res["noun_acc"] * hs, hs]).double()
+                    stats = step_stats(res)
+                    loss = raw.objective(res["lm_loss_sum"], res["head_loss"] * stats["head_samples"], *counts)
+                    (loss * world).backward()
+                for k, v in {**stats, **host}.items():
+                    window[k] = window.get(k, 0) + v
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip else None
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             pbar.update(1)
             if step % args.log_every == 0 or step % args.save_every == 0 or step == stop:
-                stats = torch.cat([window, torch.tensor(list(host.values()), dtype=torch.float64, device=device)])
-                dist.all_reduce(stats)  # the one host sync of a logging window
-                s = dict(zip(STATS + tuple(host), stats.tolist()))
-                dt, t_last = time.time() - t_last, time.time()
+                s, window, dt, t_last = reduce_window(window, device), {}, time.time() - t_last, time.time()
                 state.update(bad_videos=state["bad_videos"] + int(s["bad"]),
                              clamped_frames=state["clamped_frames"] + int(s["clamped"]))
-                n_head, lm_loss = max(s["head_samples"], 1), s["lm_sum"] / max(s["lm_tokens"], 1)
-                record = dict(step=step, epoch=epoch, loss=lm_loss + head_weight * s["head_sum"] / n_head,
-                              lm_loss=lm_loss, head_loss=s["head_sum"] / n_head, verb_loss=s["verb_sum"] / n_head,
-                              noun_loss=s["noun_sum"] / n_head, action_loss=s["action_sum"] / n_head,
-                              verb_acc=s["verb_correct"] / n_head, noun_acc=s["noun_correct"] / n_head,
-                              lr_vision=peaks[0] * scale, lr=peaks[1] * scale,
-                              tokens_per_s=s["tokens"] / dt, samples_per_s=s["samples"] / dt,
-                              bad_videos=state["bad_videos"], clamped_frames=state["clamped_frames"])
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                if peak_tflops:  # 6 x parameters x tokens: forward and backward of a dense model, per second
-                    record["mfu"] = 6 * n_params * s["tokens"] / dt / (peak_tflops * 1e12 * world)
+                record = log_record(raw, s, step, epoch, [g["lr"] for g in opt.param_groups], dt, state, n_params,
+                                    peak_tflops, world, grad_norm)
                 log(record)
                 pbar.set_postfix(loss=f"{record['loss']:.4f}", verb=f"{record['verb_acc']:.2f}",
                                  noun=f"{record['noun_acc']:.2f}", samples_s=f"{record['samples_per_s']:.1f}")
-                window.zero_()
-                host = dict.fromkeys(host, 0)
             state.update(step=step, epoch=step // steps_per_epoch, step_in_epoch=step % steps_per_epoch)
             if step % args.save_every == 0 or step == stop:
                 save_checkpoint(raw, opt, args, state, rank)
@@ -471,19 +528,17 @@ def main(argv):
     if step == total:
         if step == 0:
             save_checkpoint(raw, opt, args, state, rank)
-        export(raw, out, torch.bfloat16 if cuda else torch.float32, rank)
-        if eval_rows:
-            result = run_eval(step)
-        say(f"model saved to {out}" + (f"; MQA accuracy {result['accuracy']:.4f}" if result else "")
-            + f"; {state['bad_videos']} unreadable videos skipped, {state['clamped_frames']} frames clamped")
-    else:
-        say(f"stopped at step {step} of {total}; continue with: python train.py --resume {out}")
+        export(raw, args.out, torch.bfloat16 if cuda else torch.float32, rank)
+        result = run_eval(step) if eval_rows else None
+    say(f"model saved to {args.out}" if step == total else f"stopped at step {step} of {total}; continue with: "
+        f"python train.py --resume {args.out}")
+    say(f"{state['bad_videos']} unreadable videos skipped, {state['clamped_frames']} frames clamped"
+        + (TOY_EXPECTATION if result and args.base == "tiny" else ""))
     # DDP's reducer holds the process group: free it while the group lives, or gloo's destructor can hang at exit
     del model, run_eval
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

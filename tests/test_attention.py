@@ -1,4 +1,4 @@
-"""attention.py: hook-recomputed attention equals the model's own full attention matrices; positions; maps; plots."""
+"""attention.py: hook-recomputed attention equals the model's own full attention matrices; positions; maps."""
 import json
 import os
 import subprocess
@@ -11,7 +11,6 @@ from PIL import Image
 
 import attention
 import data
-import evaluate
 import mine
 import model as model_lib
 from conftest import ROOT
@@ -20,9 +19,10 @@ N_FRAMES = 2
 QUESTIONS = [data.mqa_question(["take plate", "cut cup", "wash pan"]), "What action are you doing?"]
 
 
-def tiny(n_action_tokens):
+def tiny(n_action_tokens, layout="grid"):
     torch.manual_seed(0)
-    return model_lib.load_model("tiny", 3, 4, 5, n_action_tokens=n_action_tokens).eval()
+    return model_lib.load_model("tiny", action_tokens=n_action_tokens, n_verbs=3, n_nouns=4, n_actions=5,
+                                video_layout=layout).eval()
 
 
 def make_batch(m):
@@ -30,8 +30,8 @@ def make_batch(m):
     n_video = m.spec.video_tokens(N_FRAMES)
     items = []
     for i, q in enumerate(QUESTIONS):
-        ids, labels = data.encode_conversation(m.tokenizer, q, None, n_video, m.n_action_tokens)
-        items.append(dict(index=i, input_ids=torch.tensor(ids), labels=torch.tensor(labels), clamped=0, bad=False,
+        ids, labels = data.encode_conversation(m.tokenizer, q, None, n_video, m.cfg.action_tokens)
+        items.append(dict(index=i, input_ids=torch.tensor(ids), labels=torch.tensor(labels), clamped=0, bad=None,
                           pixel_values_videos=torch.randn(N_FRAMES, 3, m.spec.size, m.spec.size),
                           action_labels=torch.full((3,), -100)))
     return data.collate(items, m.tokenizer.pad_token_id)
@@ -41,16 +41,15 @@ def eager_attentions(m, batch):
     """Full (B, heads, L, L) matrices of every layer from transformers' own eager attention."""
     m.llava.set_attn_implementation("eager")
     with torch.no_grad():
-        out = m.llava.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                            pixel_values_videos=batch["pixel_values_videos"], output_attentions=True)
+        out = m.llava.model(**m.lm_inputs(batch), use_cache=False, output_attentions=True)
     m.llava.set_attn_implementation("sdpa")
     return [a.mean(1) for a in out.attentions]  # averaged over heads
 
 
-@pytest.mark.parametrize("n_action_tokens", [1, 3, 0])
+@pytest.mark.parametrize("n_action_tokens, layout", [(1, "grid"), (3, "hf"), (0, "grid")])
 @pytest.mark.parametrize("layer", ["last", "mean", "0"])
-def test_statistics_equal_direct_computation_from_full_attention(n_action_tokens, layer):
-    m = tiny(n_action_tokens)
+def test_statistics_equal_direct_computation_from_full_attention(n_action_tokens, layout, layer):
+    m = tiny(n_action_tokens, layout)
     batch = make_batch(m)
     ids, lengths = batch["input_ids"], batch["attention_mask"].sum(1)
     full = eager_attentions(m, batch)
@@ -102,61 +101,27 @@ def test_action_token_sits_right_after_the_last_video_token():
         attention.prompt_positions(ids, m.llava.config.video_token_index, m.action_id + 1, 1)
 
 
-def test_frame_maps_have_the_frame_size_and_sum_to_one_per_clip(tmp_path):
-    tokens_per_frame, n_frames, hw = 4, 3, (64, 96)
-    row = torch.rand(n_frames * tokens_per_frame + 1 + 30)  # frame tokens, newline, action and text columns
-    maps = attention.frame_maps(row, n_frames, tokens_per_frame, hw)
+@pytest.mark.parametrize("layout", ["grid", "hf"])
+def test_frame_maps_have_the_frame_size_and_sum_to_one_per_clip(tmp_path, layout):
+    spec, n_frames, hw = model_lib.VisionSpec(32, (0.5,) * 3, (0.5,) * 3, 2, layout), 3, (64, 96)
+    row = torch.rand(spec.video_tokens(n_frames) + 30)  # frame tokens (and newlines), action and text columns
+    maps = attention.frame_maps(row, n_frames, spec, hw)
     assert maps.shape == (n_frames, *hw) and (maps >= 0).all()
     assert maps.sum().item() == pytest.approx(1.0)
-    shares = row[:n_frames * tokens_per_frame].view(n_frames, -1).sum(1) / row[:n_frames * tokens_per_frame].sum()
-    torch.testing.assert_close(maps.sum((1, 2)), shares.double())
-    # the top-left token's weight stays in the top-left quarter of its frame
+    frame_tokens = row[:n_frames * spec.tokens_per_frame].view(n_frames, 2, -1)[..., :2]  # grid: row newlines out
+    torch.testing.assert_close(maps.sum((1, 2)), (frame_tokens.sum((1, 2)) / frame_tokens.sum()).double())
+    # the top-left token's weight stays in the top-left quarter of its frame; a newline's weight nowhere
     one_hot = torch.zeros_like(row)
-    one_hot[tokens_per_frame] = 1  # frame 1, grid cell (0, 0)
-    spot = attention.frame_maps(one_hot, n_frames, tokens_per_frame, hw)
+    one_hot[spec.tokens_per_frame] = 1  # frame 1, grid cell (0, 0)
+    spot = attention.frame_maps(one_hot, n_frames, spec, hw)
     assert spot[1, :32, :48].sum().item() > 0.5 and spot[0].sum() == 0 and spot[2].sum() == 0
+    if layout == "grid":
+        newline = torch.ones_like(row)
+        newline[spec.tokens_per_frame + 2] = 1e6  # frame 1's first row newline
+        assert attention.frame_maps(newline, n_frames, spec, hw).sum((1, 2)).tolist() == pytest.approx([1 / 3] * 3)
     frames = np.zeros((n_frames, *hw, 3), dtype=np.uint8)
     attention.draw_maps(frames, maps, "clip: chosen A. take plate", tmp_path / "map.png")
     assert Image.open(tmp_path / "map.png").size == (n_frames * hw[1], hw[0] + attention.MAP_TITLE)
-
-
-def plot_height(bars):
-    return attention.PLOT_HEADER + attention.PLOT_ROW * bars + 8
-
-
-def test_plot_writes_pngs_of_the_expected_size(tmp_path, capsys):
-    """evaluate.py's layout: one entry per --frames setting, classes as {name: {n, correct, accuracy}}."""
-    setting = {"accuracy": 0.5,
-               "per_verb": {"take": {"n": 10, "correct": 8, "accuracy": 0.8}, "cut": {"n": 4, "correct": 1,
-                            "accuracy": 0.25}, "wash": {"n": 1, "correct": 0, "accuracy": 0.0}},
-               "per_noun": {"plate": {"n": 2, "correct": 2, "accuracy": 1.0}},
-               "by_difficulty": {"1": {"n": 5, "correct": 4, "accuracy": 0.8}, "2": {"n": 5, "correct": 1,
-                                 "accuracy": 0.2}}}
-    (tmp_path / "metrics.json").write_text(json.dumps({"8": setting, "16": {"accuracy": 0.4}}))
-    written = attention.plot_metrics(tmp_path / "metrics.json", tmp_path / "plots")
-    assert "frames 16 has no 'per_verb'" in capsys.readouterr().out  # missing keys tolerated
-    assert [p.name for p in written] == ["per_verb_frames8.png", "per_noun_frames8.png", "by_difficulty_frames8.png"]
-    for path, bars in zip(written, (3, 1, 2)):
-        assert Image.open(path).size == (attention.PLOT_WIDTH, plot_height(bars))
-    # a single setting without the frames level, as evaluate.compute_metrics returns it
-    del setting["by_difficulty"]
-    (tmp_path / "one.json").write_text(json.dumps(setting))
-    assert [p.name for p in attention.plot_metrics(tmp_path / "one.json", tmp_path / "one")] == ["per_verb.png",
-                                                                                                  "per_noun.png"]
-
-
-def test_plot_reads_what_evaluate_writes(tmp_path):
-    vocab = data.ActionVocab(["take", "cut"], ["plate", "cup", "pan"], np.array([[0, 0], [1, 1], [1, 2]]),
-                             ["take plate", "cut cup", "cut pan"])
-    preds = [dict(id=str(i), correct=i % 2 == 0, pred_verb=v, pred_noun=n, pred_action=0, verb_class=v,
-                  noun_class=n if i % 3 else 0, action_class=0, clamped=0)
-             for i, (v, n) in enumerate([(0, 0), (1, 1), (1, 2), (0, 0), (1, 2)])]
-    ratings = {"0": "1", "1": "1", "2": "3", "3": "3", "4": "5"}
-    metrics = {"8": evaluate.compute_metrics(preds, vocab, ratings=ratings)}
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    written = attention.plot_metrics(tmp_path / "metrics.json", tmp_path)
-    sizes = [Image.open(p).size[1] for p in written]
-    assert sizes == [plot_height(2), plot_height(3), plot_height(3)]  # 2 verbs, 3 nouns, 3 difficulty levels
 
 
 def test_cli_on_the_toy_kitchen_with_maps_and_compare(toy_root, tmp_path):
@@ -164,7 +129,7 @@ def test_cli_on_the_toy_kitchen_with_maps_and_compare(toy_root, tmp_path):
     rows = mine.mine(ann, "validation", k=3)[:3]
     data.write_jsonl_atomic(tmp_path / "mqa.jsonl", rows)
     ckpt = tmp_path / "ckpt"
-    tiny(1).save(ckpt)
+    tiny(1).save(ckpt)  # grid layout
     out = tmp_path / "att"
     cmd = [sys.executable, str(ROOT / "attention.py"), "--ckpt", str(ckpt), "--compare", "tiny",
            "--benchmark", str(tmp_path / "mqa.jsonl"), "--video-root", str(toy_root / "videos"), "--frames", "2",

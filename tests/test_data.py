@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+import warnings
 from datetime import datetime
 
 import av
@@ -73,10 +74,13 @@ def test_action_ids_are_sorted_strings_and_read_back(epic):
         assert t.action_class == len(keys) - 1 - s.action_class
 
 
-def test_label_text():
+def test_label_text_rotates_the_noun_key_as_the_authors_do():
     assert data.label_text("put-down", "maker:coffee") == "put-down coffee maker"
     assert data.label_text("take", "board:chopping") == "take chopping board"
+    assert data.label_text("turn-on", "machine:sous:vide") == "turn-on sous vide machine"  # not "vide sous machine"
     assert data.label_text("wash", "plate") == "wash plate"
+    nouns = data.read_class_keys(FIXTURES / "epic100" / "EPIC_100_noun_classes.csv")
+    assert "machine:sous:vide" in nouns
 
 
 def test_generic_minimal_csv(epic, tmp_path):
@@ -102,6 +106,17 @@ def test_bad_annotations_name_the_problem(epic, tmp_path):
         data.read_segments(bad)
     with pytest.raises(ValueError, match="cannot read time"):
         data.parse_time("1:xx")
+    empty, header = tmp_path / "empty.csv", tmp_path / "header.csv"
+    empty.write_text("")
+    header.write_text(",".join(rows[0]) + "\n")
+    with pytest.raises(ValueError, match=r"empty\.csv is empty; expected a CSV with columns"):
+        data.read_segments(empty)
+    with pytest.raises(ValueError, match=r"header\.csv has a header but no rows"):
+        data.read_segments(header)
+    shutil.copy(header, epic / "EPIC_100_validation.csv")
+    with pytest.raises(ValueError, match="has a header but no rows"):
+        data.load_annotations(epic)
+    shutil.copy(FIXTURES / "epic100" / "EPIC_100_validation.csv", epic / "EPIC_100_validation.csv")
     data.load_annotations(epic)
     table = csv_rows(epic / "actions.csv")
     dropped = table[-1]
@@ -166,11 +181,13 @@ def test_layouts_return_the_same_frames(layouts):
             assert np.abs(frames.astype(int) - clips[0][0].astype(int)).mean() < 3
 
 
-def test_clamping_is_counted(layouts):
+def test_clamping_is_counted_and_a_clip_past_the_end_is_an_error(layouts):
     for root in layouts:
         frames, clamped = data.load_clip(root, "P01_01", 38.0, 42.0, 4)  # times 38.5 39.5 40.5 41.5
         assert clamped == 2 and [read_index(f) for f in frames] == [385, 395, 399, 399]
         assert data.video_duration(root, "P01_01") == pytest.approx(40.0)
+        with pytest.raises(RuntimeError, match=r"clip 40\.00-42\.00 s of P01_01 starts after the video ends \(40\.00 s"):
+            data.load_clip(root, "P01_01", 40.0, 42.0, 4)
     # decoder-side resize (decord 0.6.0 fails at a few small widths: 16, 24, 48, 72; 32 to 512 work)
     frames, _ = data.load_clip(layouts[0], "P01_01", 0, 4, 2, size=(32, 40))
     assert frames.shape == (2, 32, 40, 3)
@@ -182,6 +199,23 @@ def test_frame_times():
     t = data.frame_times(0, 8, 4, jitter=True, rng=np.random.default_rng(0))
     assert ((t >= [0, 2, 4, 6]) & (t < [2, 4, 6, 8])).all() and t.tolist() != [1, 3, 5, 7]
     assert t.tolist() == data.frame_times(0, 8, 4, jitter=True, rng=np.random.default_rng(0)).tolist()
+
+
+def test_a_container_decord_misreads_is_warned_once(tmp_path):
+    """An MPEG-1 program stream starts at 0.54 s: decord stamps its frames wrongly and seeks to other frames."""
+    container = av.open(str(tmp_path / "P05_04.mpg"), mode="w", format="mpeg")
+    stream = container.add_stream("mpeg1video", rate=25)
+    stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
+    for i in range(60):
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(index_frame(i), format="rgb24")))
+    container.mux(stream.encode())
+    container.close()
+    (tmp_path / "P05_04.mp4").symlink_to(tmp_path / "P05_04.mpg")  # found under the usual name
+    with pytest.warns(UserWarning, match=r"P05_04\.mp4: its first frame is stamped .* not 0.*re-encode it to H\.264"):
+        data.load_clip(tmp_path, "P05_04", 0.0, 2.0, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.load_clip(tmp_path, "P05_04", 0.0, 2.0, 2, size=(32, 32))  # once per file
 
 
 def test_missing_and_unreadable_videos(tmp_path):

@@ -1,22 +1,25 @@
-"""evaluate.py on a toy kitchen with the random-init tiny model (--base tiny): what the CLI writes must equal
-what independent forwards give, survive a kill, agree across ranks, and count what it skips."""
+"""evaluate.py on a toy kitchen with the random-init tiny model (--ckpt tiny): what the CLI writes must equal what
+independent forwards give, survive a kill, a second process and bad inputs, agree across ranks, and count what
+it skips."""
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
+import time
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import evaluate
 import mine
+import model as model_lib
 import structured
-from model import load_model, preprocess_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 4
@@ -36,21 +39,15 @@ def kitchen(toy_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny(kitchen):
-    """The model --base tiny builds (seeded random init), for independent reference computations."""
-    vocab = data.load_annotations(kitchen).vocab
-    return load_model("tiny", len(vocab.verbs), len(vocab.nouns), len(vocab), n_action_tokens=0).eval()
+def tiny():
+    """The model --ckpt tiny builds (seeded random init, no action token), for independent references."""
+    return model_lib.load_for_eval("tiny", torch.device("cpu"))
 
 
-def run_cli(kitchen, out, *argv, model=("--base", "tiny")):
-    """`python evaluate.py ...` in this process (runpy: no new interpreter); returns metrics.json."""
-    old = sys.argv
-    sys.argv = ["evaluate.py", *map(str, model), "--annotations", str(kitchen), "--out", str(out),
-                "--frames", str(FRAMES), "--num-workers", "0", *map(str, argv)]
-    try:
-        runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
-    finally:
-        sys.argv = old
+def run_cli(kitchen, out, *argv, ckpt="tiny"):
+    """`python evaluate.py ...` in this process; returns metrics.json."""
+    evaluate.main(["--ckpt", str(ckpt), "--annotations", str(kitchen), "--out", str(out), "--frames", str(FRAMES),
+                   "--num-workers", "0", *map(str, argv)])
     return json.loads((Path(out) / "metrics.json").read_text())
 
 
@@ -58,13 +55,18 @@ def predictions(out, frames=FRAMES):
     return data.read_jsonl(Path(out) / f"frames{frames}" / "predictions.jsonl")
 
 
-def prompt_inputs(model, video_root, row, question):
-    """One unpadded prompt, built here from data.py's pieces: (input_ids (1, L), pixel_values_videos)."""
+def prompt_logprobs(model, video_root, row, question, continuation=()):
+    """One unpadded prompt (plus a continuation) built here from data.py's pieces, fp32 log-probs at each position."""
     size = (model.spec.size, model.spec.size)  # decoded at the tower's size, as TaskDataset does
     frames, _ = data.load_clip(video_root, row["video_id"], row["start"], row["end"], FRAMES, size=size)
     ids, _ = data.encode_conversation(model.tokenizer, question, None, model.spec.video_tokens(FRAMES),
-                                      model.n_action_tokens)
-    return torch.tensor([ids]), preprocess_frames(frames, model.spec)[None]
+                                      model.cfg.action_tokens)
+    ids = torch.tensor([ids + list(continuation)])
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=data.preprocess_frames(
+        frames, model.spec.size, model.spec.mean, model.spec.std)[None])
+    with torch.no_grad():
+        h = model.llava.model(**model.lm_inputs(batch)).last_hidden_state
+        return model.llava.lm_head(h)[0].float().log_softmax(-1), len(ids[0]) - len(continuation)
 
 
 def test_mqa_matches_independent_forwards(kitchen, tiny, tmp_path):
@@ -73,28 +75,49 @@ def test_mqa_matches_independent_forwards(kitchen, tiny, tmp_path):
     assert set(metrics) == {"2", str(FRAMES)}  # one entry per --frames setting
     args = json.loads((out / "args.json").read_text())
     assert args["video_root"] == str(kitchen / "videos") and args["frames"] == [2, FRAMES]
+    assert args["prompt_style"] == "official" and args["time_prompt"] is False  # tiny's own
     rows, preds = data.read_jsonl(kitchen / "ek100_mqa_tim_k5.jsonl"), predictions(out)
     assert [p["id"] for p in preds] == [r["id"] for r in rows]
     letters = tiny.tokenizer.convert_tokens_to_ids(list("ABCDE"))
-    for row, pred in zip(rows, preds):  # a plain HF forward per sample, full logits, no padding, no batching
-        ids, pixels = prompt_inputs(tiny, kitchen / "videos", row, row["question"])
-        with torch.no_grad():
-            logits = tiny.llava(input_ids=ids, pixel_values_videos=pixels).logits[0, -1]
-        assert pred["choice"] == int(logits[letters].argmax()), row["id"]
+    for row, pred in zip(rows, preds):  # a forward per sample, no padding, no batching, the official question
+        lp, n = prompt_logprobs(tiny, kitchen / "videos", row, data.mqa_question(row["options"]))
+        reference = lp[n - 1, letters].log_softmax(-1)
+        assert pred["choice"] == int(reference.argmax()), row["id"]
+        np.testing.assert_allclose(pred["option_scores"], reference.numpy(), atol=1e-4)
         assert pred["pred_action"] == row["option_actions"][pred["choice"]]
         assert pred["pred_text"] == row["options"][pred["choice"]]
     m, n = metrics[str(FRAMES)], len(rows)
     correct = np.array([p["choice"] == r["answer_index"] for p, r in zip(preds, rows)])
-    assert m["n"] == n and m["accuracy"] == pytest.approx(correct.mean())
+    assert m["n"] == n and m["accuracy"] == pytest.approx(correct.mean()) and m["scoring"] == "letter"
     assert m["action_top1"] == pytest.approx(correct.mean())  # options are distinct actions
     assert abs(m["accuracy"] - 0.2) < 4 * np.sqrt(0.2 * 0.8 / n)  # a random model is at chance (1 in 5)
-    # train.py's in-training check gives the same accuracy
-    res = evaluate.evaluate_mqa(tiny, rows, kitchen / "videos", FRAMES, batch_size=8)
-    assert res["n"] == n and res["accuracy"] == pytest.approx(m["accuracy"])
+
+
+def test_text_scoring_picks_the_likeliest_option_text(kitchen, tiny, tmp_path):
+    run_cli(kitchen, tmp_path, "--score", "text", "--limit", 4)
+    rows = data.read_jsonl(kitchen / "ek100_mqa_tim_k5.jsonl")[:4]
+    for row, pred in zip(rows, predictions(tmp_path)):
+        means = []
+        for text in row["options"]:  # a full forward per option: mean log-prob of its tokens and <|im_end|>
+            c = structured.candidate_token_ids(tiny.tokenizer, [text])[0]
+            lp, n = prompt_logprobs(tiny, kitchen / "videos", row, data.mqa_question(row["options"]), c[:-1])
+            means.append(lp[n - 1 + torch.arange(len(c)), c].mean().item())
+        assert pred["choice"] == int(np.argmax(means))
+        np.testing.assert_allclose(pred["option_scores"], means, atol=1e-4)
+    assert json.loads((tmp_path / "metrics.json").read_text())[str(FRAMES)]["scoring"] == "text"
+
+
+def test_generate_counts_answers_without_a_letter(kitchen, tmp_path):
+    m = run_cli(kitchen, tmp_path, "--score", "generate", "--limit", 6)[str(FRAMES)]
+    preds = predictions(tmp_path)
+    assert all("generated" in p and "option_scores" not in p for p in preds)
+    assert [p["choice"] for p in preds] == [structured.parse_letter(p["generated"], 5) for p in preds]
+    assert m["unparsed"] == sum(p["choice"] < 0 for p in preds) and m["n"] == 6
+    assert all(p["pred_action"] == -1 and not p["correct"] for p in preds if p["choice"] < 0)
 
 
 @pytest.mark.parametrize("sap", [False, True], ids=["rows", "sap"])
-def test_kill_and_resume_gives_the_same(kitchen, tmp_path, monkeypatch, sap):
+def test_kill_and_resume_gives_the_same(kitchen, tmp_path, monkeypatch, sap, capsys):
     bench = kitchen / ("train_mqa.jsonl" if sap else "ek100_mqa_tim_k5.jsonl")
     flags = ["--batch-size", 4, "--benchmark", bench] + (["--sap"] if sap else [])
     full = run_cli(kitchen, tmp_path / "full", *flags)
@@ -116,17 +139,22 @@ def test_kill_and_resume_gives_the_same(kitchen, tmp_path, monkeypatch, sap):
         f.write('{"id": "P0')  # a line cut short by the kill
     calls.clear()
     monkeypatch.setattr(structured, "score_options", lambda *a: calls.append(len(a[1]["input_ids"])) or real(*a))
+    capsys.readouterr()
     resumed = run_cli(kitchen, tmp_path / "resumed", *flags)
-    assert sum(calls) == len(data.read_jsonl(bench)) - written  # only the unfinished samples were scored
+    n_rows = len(data.read_jsonl(bench))
+    assert sum(calls) == n_rows - written  # only the unfinished samples were scored
+    assert f"{written} predictions found, {n_rows - written} to go" in capsys.readouterr().out
     assert resumed == full
     assert predictions(tmp_path / "resumed") == predictions(tmp_path / "full")  # SAP: the same priors too
     assert not shard.exists()  # merged into predictions.jsonl
 
 
-def test_resume_refuses_other_flags(kitchen, tmp_path):
+def test_resume_refuses_other_flags(kitchen, tmp_path, capsys):
     run_cli(kitchen, tmp_path, "--limit", 2)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         run_cli(kitchen, tmp_path, "--limit", 2, "--time-prompt")
+    assert e.value.code == 2
+    assert f"{tmp_path} holds predictions made with --time-prompt False (now True)" in capsys.readouterr().err
 
 
 def test_sap_prompts_hold_own_predictions(kitchen, tmp_path, monkeypatch):
@@ -143,23 +171,23 @@ def test_sap_prompts_hold_own_predictions(kitchen, tmp_path, monkeypatch):
     for index, texts in seen:
         assert len({rows[i]["video_id"] for i in index}) == len(index) == 2  # one segment from each video
         prompt.update((rows[i]["id"], t) for i, t in zip(index, texts))
+    _, before = data.previous_actions(rows)
     differs = 0
-    for vid in {r["video_id"] for r in rows}:
-        segs = sorted((r for r in rows if r["video_id"] == vid), key=lambda r: r["start"])
-        for k, r in enumerate(segs):
-            p = by_id[r["id"]]
-            if k < 2:
-                assert "priors" not in p and "seconds ago" not in prompt[r["id"]]
-                continue
-            before = [by_id[s["id"]] for s in segs[k - 2:k]]
-            assert p["priors"] == [[pytest.approx(r["start"] - b["start"], abs=1e-3), b["pred_text"]] for b in before]
-            for (t, text) in p["priors"]:
-                assert f"{t:.2f} seconds ago, you started an action {text}." in prompt[r["id"]]
-            differs += any(b["pred_text"] != s["options"][s["answer_index"]] for b, s in zip(before, segs[k - 2:k]))
-    assert differs > 0  # the priors are predictions, not the true actions
+    for k, r in enumerate(rows):
+        p = by_id[r["id"]]
+        if k not in before:
+            assert "priors" not in p and "seconds ago" not in prompt[r["id"]]
+            continue
+        prior_rows = [rows[j] for j in before[k]]
+        assert p["priors"] == [[pytest.approx(r["start"] - b["start"], abs=1e-3), by_id[b["id"]]["pred_text"]]
+                               for b in prior_rows]
+        for t, text in p["priors"]:
+            assert f"{round(t, 2)} seconds ago, you started an action {text}." in prompt[r["id"]]
+        differs += any(by_id[b["id"]]["pred_text"] != b["options"][b["answer_index"]] for b in prior_rows)
+    assert differs > 0 and len(before) > 40  # the priors are predictions, not the true actions
 
 
-def test_two_stage_predicts_within_top_k(kitchen, tmp_path):
+def test_two_stage_predicts_within_top_k_from_shuffled_options(kitchen, tmp_path):
     m = run_cli(kitchen, tmp_path, "--mode", "two_stage", "--topk", 20)[str(FRAMES)]
     ann = data.load_annotations(kitchen)
     scores = mine.read_scores(kitchen / "scores" / "tim_validation.npz", ann, "validation")
@@ -167,12 +195,51 @@ def test_two_stage_predicts_within_top_k(kitchen, tmp_path):
     preds = predictions(tmp_path)
     assert len(preds) == len(truth)
     for p, t in zip(preds, top):
-        assert p["pred_action"] == t[p["choice"]] and len(p["scores"]) == 20
+        ranks = p["option_ranks"]
+        assert sorted(ranks) == list(range(20)) and ranks != list(range(20))  # shuffled before lettering
+        assert p["pred_action"] == t[ranks[p["choice"]]] and len(p["option_scores"]) == 20
         assert p["pred_text"] == ann.vocab.labels[p["pred_action"]]  # --text label
         assert tuple(ann.vocab.pairs[p["pred_action"]]) == (p["pred_verb"], p["pred_noun"])
+        assert p["recognizer_top1"] == t[0]
     assert m["accuracy"] == m["action_top1"] == pytest.approx(np.mean([p["pred_action"] for p in preds] == truth))
     assert m["recognizer_top1"] == pytest.approx(np.mean(top[:, 0] == truth))
-    assert m["topk_recall"] == pytest.approx(np.mean((top == truth[:, None]).any(1))) and m["topk"] == 20
+    assert m["topk_recall"] == pytest.approx(np.mean((top == truth[:, None]).any(1))) and m["options"] == 20
+    candidates = tmp_path / "candidates.jsonl"  # mine.py --topk's file gives the same rows and predictions
+    mine.main(["--model", "tim", "--annotations", str(kitchen), "--topk", "20", "--text", "label", "--out", str(candidates)])
+    assert run_cli(kitchen, tmp_path / "c", "--mode", "two_stage", "--candidates", candidates)[str(FRAMES)]["accuracy"] \
+        == m["accuracy"]
+    assert predictions(tmp_path / "c") == preds
+
+
+def test_an_always_a_model_scores_one_in_k_not_the_recognizers_top1(kitchen, tmp_path, monkeypatch):
+    """In rank order the truth would be option A about half the time; shuffled, the letters share it evenly."""
+    many = tmp_path / "many"
+    many.mkdir()
+    for name in (data.VERB_FILE, data.NOUN_FILE, data.SPLIT_FILES["train"]):
+        shutil.copy(kitchen / name, many / name)
+    head, *lines = (kitchen / "EPIC_100_validation.csv").read_text().splitlines()
+    rows = [line.replace("P03_01_", f"P03_{r:02d}_", 1).replace(",P03_01,", f",P03_{r:02d},", 1)
+            for r in range(70) for line in lines]
+    (many / "EPIC_100_validation.csv").write_text("\n".join([head, *rows]) + "\n")
+    ann = data.load_annotations(many)
+    segs = ann.segments("validation")
+    scores = data.simulate_recognizer(segs, ann.vocab, "tim", np.random.default_rng(0))
+    np.savez(many / "tim.npz", ids=np.array([s.id for s in segs]), scores=scores)
+    args = Namespace(candidates=None, split="validation", scores=many / "tim.npz", topk=20, text="label", seed=0)
+    shuffled = evaluate.two_stage_rows(ann, args)
+    found = [r["answer_index"] for r in shuffled if r["answer_index"] >= 0]
+    assert len(found) >= 1000 and max(np.bincount(found, minlength=20)) <= 1.5 / 20 * len(found)
+    in_rank_order = mine.mine(ann, "validation", scores, topk=20, text="label")
+    top1 = np.mean([r["answer_index"] == 0 for r in in_rank_order])
+    always_a = np.mean([r["answer_index"] == 0 for r in shuffled])
+    assert top1 > 0.3 and abs(always_a - len(found) / len(shuffled) / 20) < 0.02  # about recall / K
+    monkeypatch.setattr(structured, "score_options", lambda model, batch, n: torch.tensor([[0.0] + [-9.0] * (n - 1)]
+                                                                                          * len(batch["input_ids"])))
+    m = run_cli(kitchen, tmp_path / "cli", "--mode", "two_stage", "--topk", 20)[str(FRAMES)]
+    preds = predictions(tmp_path / "cli")
+    assert all(p["choice"] == 0 for p in preds)
+    assert m["accuracy"] == pytest.approx(np.mean([p["answer_index"] == 0 for p in preds]))
+    assert m["accuracy"] < m["recognizer_top1"]
 
 
 def test_multi_round_picks_the_most_likely_label(kitchen, tiny, tmp_path):
@@ -180,15 +247,13 @@ def test_multi_round_picks_the_most_likely_label(kitchen, tiny, tmp_path):
     ann = data.load_annotations(kitchen)
     candidates = structured.candidate_token_ids(tiny.tokenizer, ann.vocab.labels)
     for seg, pred in zip(ann.segments("validation"), predictions(tmp_path)):
-        ids, pixels = prompt_inputs(tiny, kitchen / "videos", vars(seg), data.DIRECT_PROMPT)
         means = []
         for cand in candidates:  # a full forward per label: mean log-prob of its tokens, <|im_end|> included
-            with torch.no_grad():
-                logits = tiny.llava(input_ids=torch.cat([ids, torch.tensor([cand[:-1]])], 1),
-                                    pixel_values_videos=pixels).logits[0, ids.shape[1] - 1:]
-            means.append(logits.log_softmax(-1)[torch.arange(len(cand)), cand].mean().item())
-        assert pred["pred_action"] == int(np.argmax(means))
-        assert pred["score"] == pytest.approx(max(means), abs=1e-5) and "choice" not in pred
+            lp, n = prompt_logprobs(tiny, kitchen / "videos", vars(seg), data.direct_question(), cand[:-1])
+            means.append(lp[n - 1 + torch.arange(len(cand)), cand].mean().item())
+        best = np.argsort(means)[::-1][:5]
+        assert pred["pred_action"] == best[0] and [a for a, _ in pred["top5"]] == best.tolist()
+        np.testing.assert_allclose([s for _, s in pred["top5"]], np.array(means)[best], atol=1e-4)
         assert pred["correct"] == (pred["pred_action"] == seg.action_class)
 
 
@@ -203,12 +268,14 @@ def test_metrics_counts_add_up(kitchen):
         preds.append(dict(id=s.id, pred_action=a, pred_verb=int(v), pred_noun=int(n), verb_class=s.verb_class,
                           noun_class=s.noun_class, action_class=s.action_class, correct=a == s.action_class,
                           clamped=0))
-    preds += [dict(id="gone_1", bad=True), dict(id="gone_2", bad=True)]
+    preds += [dict(id="gone_1", bad="FileNotFoundError: video gone"),
+              dict(id="gone_2", bad=f"RuntimeError: clip 9.00-10.00 s of P01 {evaluate.PAST_END} (8.00 s)")]
     ratings = {p["id"]: ("easy" if i % 3 else "hard") for i, p in enumerate(preds[:40])}
     m = evaluate.compute_metrics(preds, ann.vocab, tails, ratings)
     good = preds[:-2]
     n = len(good)
     assert m["n"] == n and m["skipped_bad"] == 2
+    assert m["skipped_by_reason"] == {"unreadable": 1, "past the video's end": 1}
     tail_v = np.array([p["verb_class"] in tails[0] for p in good])
     tail_n = np.array([p["noun_class"] in tails[1] for p in good])
     for key, tail in (("verb", tail_v), ("noun", tail_n), ("action", tail_v | tail_n)):
@@ -220,8 +287,7 @@ def test_metrics_counts_add_up(kitchen):
         assert sum(c["n"] for c in per.values()) == n
         assert sum(c["correct"] for c in per.values()) == round(m[f"{key}_top1"] * n)
         for name, c in per.items():
-            cls = keys.index(name)
-            assert c["n"] == sum(p[f"{key}_class"] == cls for p in good)
+            assert c["n"] == sum(p[f"{key}_class"] == keys.index(name) for p in good)
     (kitchen / "ratings.csv").write_text("narration_id,level\n" + "".join(f"{k},{v}\n" for k, v in ratings.items()))
     (kitchen / "ratings.json").write_text(json.dumps(ratings))
     assert evaluate.read_ratings(kitchen / "ratings.csv") == evaluate.read_ratings(kitchen / "ratings.json") == ratings
@@ -230,32 +296,119 @@ def test_metrics_counts_add_up(kitchen):
     assert sum(c["correct"] for c in levels.values()) == round(m["accuracy"] * n)
 
 
-def test_skip_bad_counts_a_missing_video(kitchen, tmp_path):
-    rows = data.read_jsonl(kitchen / "ek100_mqa_tim_k5.jsonl")[:10]
-    for r in rows[3:6]:
-        r["video_id"] = "P99_01"
+def test_skipped_videos_are_retried_once_restored(kitchen, tmp_path, capsys):
+    """--skip-bad records why; the same command after the video is back completes the evaluation."""
+    videos = shutil.copytree(kitchen / "videos", tmp_path / "videos")
+    flags = ["--video-root", videos, "--limit", 10]
+    with pytest.raises(FileNotFoundError, match=r"P03_01 not found under .*videos.*--skip-bad"):
+        (videos / "P03_01.mp4").rename(tmp_path / "away.mp4")
+        run_cli(kitchen, tmp_path / "strict", *flags)
+    assert not (tmp_path / "strict" / "metrics.json").exists()
+    m = run_cli(kitchen, tmp_path / "skip", *flags, "--skip-bad")[str(FRAMES)]
+    assert m["n"] == 0 and m["skipped_bad"] == 10 and m["skipped_by_reason"] == {"unreadable": 10}
+    assert all(p["bad"].startswith("FileNotFoundError: video P03_01 not found") for p in predictions(tmp_path / "skip"))
+    (tmp_path / "away.mp4").rename(videos / "P03_01.mp4")
+    capsys.readouterr()
+    fixed = run_cli(kitchen, tmp_path / "skip", *flags, "--skip-bad")
+    assert "0 predictions found, 10 to go (10 skipped before, retried)" in capsys.readouterr().out
+    clean = run_cli(kitchen, tmp_path / "clean", *flags)
+    assert fixed == clean and predictions(tmp_path / "skip") == predictions(tmp_path / "clean")
+
+
+def test_a_clip_past_the_end_is_a_bad_sample_with_its_reason(kitchen, tmp_path, capsys):
+    rows = data.read_jsonl(kitchen / "ek100_mqa_tim_k5.jsonl")[:4]
+    rows[1].update(start=900.0, end=902.0)  # the video is about 60 s long
+    rows[2]["end"] += 400.0  # a partial overrun: clamped and counted
     data.write_jsonl_atomic(tmp_path / "bench.jsonl", rows)
-    with pytest.raises(FileNotFoundError, match=r"P99_01 not found under .*videos.*--skip-bad"):
+    with pytest.raises(RuntimeError, match=r"clip 900\.00-902\.00 s of P03_01 starts after the video ends"):
         run_cli(kitchen, tmp_path / "strict", "--benchmark", tmp_path / "bench.jsonl")
+    capsys.readouterr()
     m = run_cli(kitchen, tmp_path / "skip", "--benchmark", tmp_path / "bench.jsonl", "--skip-bad")[str(FRAMES)]
-    assert m["n"] == 7 and m["skipped_bad"] == 3
-    assert [p.get("bad", False) for p in predictions(tmp_path / "skip")] == [False] * 3 + [True] * 3 + [False] * 4
+    assert m["n"] == 3 and m["skipped_by_reason"] == {"past the video's end": 1} and m["clamped_frames"] >= 3
+    assert f"1 skipped (1 past the video's end), {m['clamped_frames']} frames clamped" in capsys.readouterr().out
 
 
-def test_bad_checkpoint_and_score_file(kitchen, tmp_path):
+def test_bad_inputs_write_nothing_and_the_corrected_run_runs(kitchen, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match=r"missing_ckpt: no such folder, and not an alias"):
+        run_cli(kitchen, out, ckpt=tmp_path / "missing_ckpt")
     empty = tmp_path / "empty_ckpt"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="empty_ckpt holds no LLaVA weights"):
-        run_cli(kitchen, tmp_path / "a", model=("--ckpt", empty))
+    with pytest.raises(FileNotFoundError, match="empty_ckpt holds no config.json"):
+        run_cli(kitchen, out, ckpt=empty)
     with pytest.raises(ValueError, match="scores of split 'train'"):
-        run_cli(kitchen, tmp_path / "b", "--mode", "two_stage", "--scores", kitchen / "scores" / "tim_train.npz")
+        run_cli(kitchen, out, "--mode", "two_stage", "--scores", kitchen / "scores" / "tim_train.npz")
+    with pytest.raises(ValueError, match="need 2 to 26 options"):
+        run_cli(kitchen, out, "--mode", "two_stage", "--topk", 999)
+    with pytest.raises(SystemExit):
+        run_cli(kitchen, out, "--limit", 0)
+    assert not out.exists() and not (tmp_path / "missing_ckpt").exists()  # nothing written, nothing to block
+    m = run_cli(kitchen, out, "--mode", "two_stage", "--topk", 5)[str(FRAMES)]  # the corrected command
+    assert m["n"] == 30 and m["options"] == 5
 
 
-def test_trained_checkpoint_with_heads_loads(kitchen, tmp_path):
+def test_an_empty_split_stops_before_writing(kitchen, tmp_path):
+    root = shutil.copytree(kitchen, tmp_path / "toy", ignore=shutil.ignore_patterns("videos"))
+    header = (root / "EPIC_100_validation.csv").read_text().splitlines()[0]
+    (root / "EPIC_100_validation.csv").write_text(header + "\n")
+    with pytest.raises(ValueError, match="EPIC_100_validation.csv has a header but no rows"):
+        run_cli(root, tmp_path / "out", "--mode", "multi_round")
+    assert not (tmp_path / "out").exists()
+
+
+def test_frames_settings_one_after_another_both_stay(kitchen, tmp_path):
+    run_cli(kitchen, tmp_path, "--limit", 3, "--frames", 2)
+    assert set(run_cli(kitchen, tmp_path, "--limit", 3)) == {"2", str(FRAMES)}
+
+
+def test_a_second_process_is_refused_while_the_first_completes(kitchen, tmp_path):
+    """Synchronised on files, not on sleeps: the first run holds its scoring until the test releases it."""
+    out, go = tmp_path / "out", tmp_path / "go"
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import evaluate, structured
+real = structured.score_options
+def held(*a):
+    while not __import__("os").path.exists({str(go)!r}):
+        time.sleep(0.05)
+    return real(*a)
+structured.score_options = held
+evaluate.main(["--ckpt", "tiny", "--annotations", {str(kitchen)!r}, "--out", {str(out)!r}, "--frames", "{FRAMES}",
+               "--num-workers", "0"])
+"""
+    first = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for _ in range(1200):  # the lock file names its holder once it is held
+            if (out / ".lock").exists() and f"pid {first.pid}" in (out / ".lock").read_text():
+                break
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {first.pid}: "):
+            run_cli(kitchen, out, "--limit", 24)
+    finally:
+        go.touch()
+        stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    assert len(predictions(out)) == 30 and json.loads((out / "metrics.json").read_text())[str(FRAMES)]["n"] == 30
+
+
+def test_trained_checkpoint_keeps_its_action_token(kitchen, tmp_path):
+    """A checkpoint with heads is evaluated with its action token in the prompt, as it was trained."""
     vocab = data.load_annotations(kitchen).vocab
-    load_model("tiny", len(vocab.verbs), len(vocab.nouns), len(vocab), n_action_tokens=1).save(tmp_path / "ckpt")
-    m = run_cli(kitchen, tmp_path / "out", "--limit", 4, model=("--ckpt", tmp_path / "ckpt"))[str(FRAMES)]
-    assert m["n"] == 4
+    trained = model_lib.load_model("tiny", action_tokens=1, n_verbs=len(vocab.verbs), n_nouns=len(vocab.nouns),
+                                   n_actions=len(vocab))
+    with torch.no_grad():
+        trained.action_embeds.normal_(0, 3)
+    trained.save(tmp_path / "ckpt")
+    run_cli(kitchen, tmp_path / "out", "--limit", 4, ckpt=tmp_path / "ckpt")
+    loaded, rows = model_lib.load_for_eval(tmp_path / "ckpt", torch.device("cpu")), data.read_jsonl(kitchen / "ek100_mqa_tim_k5.jsonl")
+    assert loaded.cfg.action_tokens == 1
+    letters = loaded.tokenizer.convert_tokens_to_ids(list("ABCDE"))
+    for row, pred in zip(rows, predictions(tmp_path / "out")):
+        lp, n = prompt_logprobs(loaded, kitchen / "videos", row, data.mqa_question(row["options"]))
+        np.testing.assert_allclose(pred["option_scores"], lp[n - 1, letters].log_softmax(-1).numpy(), atol=1e-4)
 
 
 def test_a_smaller_limit_keeps_earlier_predictions(kitchen, tmp_path):
@@ -265,6 +418,44 @@ def test_a_smaller_limit_keeps_earlier_predictions(kitchen, tmp_path):
     assert [p["id"] for p in predictions(tmp_path)] == ids
 
 
+def plot_height(bars):
+    return evaluate.PLOT_HEADER + evaluate.PLOT_ROW * bars + 8
+
+
+def test_plot_writes_pngs_of_the_expected_size(tmp_path, capsys):
+    """evaluate.py's layout: one entry per --frames setting, classes as {name: {n, correct, accuracy}}."""
+    setting = {"accuracy": 0.5,
+               "per_verb": {"take": {"n": 10, "correct": 8, "accuracy": 0.8}, "cut": {"n": 4, "correct": 1,
+                            "accuracy": 0.25}, "wash": {"n": 1, "correct": 0, "accuracy": 0.0}},
+               "per_noun": {"plate": {"n": 2, "correct": 2, "accuracy": 1.0}},
+               "by_difficulty": {"1": {"n": 5, "correct": 4, "accuracy": 0.8}, "2": {"n": 5, "correct": 1,
+                                 "accuracy": 0.2}}}
+    (tmp_path / "metrics.json").write_text(json.dumps({"8": setting, "16": {"accuracy": 0.4}}))
+    evaluate.main(["--plot", str(tmp_path / "metrics.json")])
+    log = capsys.readouterr().out
+    assert "frames 16 has no 'per_verb'" in log  # missing keys tolerated
+    written = sorted((tmp_path / "plots").glob("*.png"))
+    assert [p.name for p in written] == ["by_difficulty_frames8.png", "per_noun_frames8.png", "per_verb_frames8.png"]
+    for path, bars in zip(written, (2, 1, 3)):
+        assert Image.open(path).size == (evaluate.PLOT_WIDTH, plot_height(bars))
+    del setting["by_difficulty"]  # a single setting without the frames level, as compute_metrics returns it
+    (tmp_path / "one.json").write_text(json.dumps(setting))
+    assert [p.name for p in evaluate.plot_metrics(tmp_path / "one.json", tmp_path / "one")] == ["per_verb.png",
+                                                                                                 "per_noun.png"]
+
+
+def test_plot_reads_what_evaluate_writes(tmp_path):
+    vocab = data.ActionVocab(["take", "cut"], ["plate", "cup", "pan"], np.array([[0, 0], [1, 1], [1, 2]]),
+                             ["take plate", "cut cup", "cut pan"])
+    preds = [dict(id=str(i), correct=i % 2 == 0, pred_verb=v, pred_noun=n, pred_action=0, verb_class=v,
+                  noun_class=n if i % 3 else 0, action_class=0, clamped=0)
+             for i, (v, n) in enumerate([(0, 0), (1, 1), (1, 2), (0, 0), (1, 2)])]
+    ratings = {"0": "1", "1": "1", "2": "3", "3": "3", "4": "5"}
+    (tmp_path / "metrics.json").write_text(json.dumps({"8": evaluate.compute_metrics(preds, vocab, ratings=ratings)}))
+    written = evaluate.plot_metrics(tmp_path / "metrics.json", tmp_path)
+    assert [Image.open(p).size[1] for p in written] == [plot_height(2), plot_height(3), plot_height(3)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--sap", "--benchmark", "train_mqa.jsonl"]], ids=["rows", "sap_videos"])
 def test_two_ranks_match_one(kitchen, tmp_path, extra):
@@ -272,7 +463,7 @@ def test_two_ranks_match_one(kitchen, tmp_path, extra):
     one = run_cli(kitchen, tmp_path / "one", *extra)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "evaluate.py"), "--base", "tiny", "--annotations", str(kitchen), "--out", str(tmp_path / "two"),
+           str(ROOT / "evaluate.py"), "--ckpt", "tiny", "--annotations", str(kitchen), "--out", str(tmp_path / "two"),
            "--frames", str(FRAMES), "--num-workers", "0", *extra]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -281,6 +472,6 @@ def test_two_ranks_match_one(kitchen, tmp_path, extra):
     assert [p["id"] for p in p1] == [p["id"] for p in p2]
     for a, b in zip(p1, p2):  # batches differ across ranks, so padding does too: scores agree to rounding
         assert a["choice"] == b["choice"] and a.get("priors") == b.get("priors")
-        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
+        np.testing.assert_allclose(a["option_scores"], b["option_scores"], atol=1e-4)
     assert two == one
     assert not list((tmp_path / "two" / f"frames{FRAMES}").glob("predictions.rank*"))

@@ -221,6 +221,33 @@ def test_bad_scores_raise_naming_the_file(toy_root, ann, tim, tmp_path):
         mine.read_scores(tmp_path / "wrong.json", ann, "validation")
 
 
+def test_score_file_without_scores_lists_its_keys(ann, tmp_path):
+    np.savez(tmp_path / "logits.npz", ids=np.array(["a"]), logits=np.zeros((1, 3)))
+    with pytest.raises(ValueError, match=r"logits\.npz: expected 'ids' .* and 'scores' .*found \['ids', 'logits'\]"):
+        mine.read_scores(tmp_path / "logits.npz", ann, "validation")
+
+
+def test_an_empty_split_stops_mining(toy_root, tmp_path):
+    root = shutil.copytree(toy_root, tmp_path / "toy", ignore=shutil.ignore_patterns("videos"))
+    header = (root / "EPIC_100_validation.csv").read_text().splitlines()[0]
+    (root / "EPIC_100_validation.csv").write_text(header + "\n")
+    r = run_cli("--model", "tim", "--annotations", root, "--out", tmp_path / "x.jsonl")
+    assert r.returncode != 0 and "EPIC_100_validation.csv has a header but no rows" in r.stderr
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_toy_files_are_mined_once(toy_root, tmp_path):
+    root = shutil.copytree(toy_root, tmp_path / "toy", ignore=shutil.ignore_patterns("videos"))
+    mine.mine_toy(root)
+    train, bench = data.read_jsonl(root / mine.TOY_TRAIN), data.read_jsonl(root / mine.TOY_BENCHMARK)
+    ann = data.load_annotations(root)
+    assert len(train) == mine.TOY_DRAWS * len(ann.segments("train")) and len(bench) == len(ann.segments("validation"))
+    assert all(len(r["options"]) == mine.TOY_K for r in train + bench)
+    stamp = (root / mine.TOY_TRAIN).stat().st_mtime_ns
+    mine.mine_toy(root)
+    assert (root / mine.TOY_TRAIN).stat().st_mtime_ns == stamp
+
+
 def test_cli_missing_score_file_names_default_and_flag(toy_root, tmp_path):
     r = run_cli("--model", "rulstm", "--annotations", toy_root, "--out", tmp_path / "x.jsonl")
     assert r.returncode != 0

@@ -9,9 +9,8 @@ import structured as S
 TEXTS = ["take plate", "take plate", "take cup", "open fridge door", "wash", "put-down coffee maker", "cut", ""]
 
 
-def tiny():
-    llava, tokenizer = M.load_base("tiny")
-    return M.ActionLLaVA(llava, tokenizer, 5, 6, 7).eval()
+def tiny(layout="grid"):
+    return M.load_model("tiny", action_tokens=1, n_verbs=5, n_nouns=6, n_actions=7, video_layout=layout).eval()
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +24,11 @@ def make_batch(model, questions, n_frames=2):
     items = []
     for i, q in enumerate(questions):
         ids, labels = data.encode_conversation(model.tokenizer, q, None, model.spec.video_tokens(n_frames),
-                                               model.n_action_tokens)
+                                               model.cfg.action_tokens)
         frames = torch.randint(0, 256, (n_frames, 40, 48, 3), dtype=torch.uint8, generator=g)
-        items.append(dict(index=i, input_ids=torch.tensor(ids), labels=torch.tensor(labels), clamped=0, bad=False,
-                          pixel_values_videos=M.preprocess_frames(frames, model.spec),
+        items.append(dict(index=i, input_ids=torch.tensor(ids), labels=torch.tensor(labels), clamped=0, bad=None,
+                          pixel_values_videos=data.preprocess_frames(frames, model.spec.size, model.spec.mean,
+                                                                     model.spec.std),
                           action_labels=torch.full((3,), -100)))
     return data.collate(items, model.tokenizer.pad_token_id)
 
@@ -40,10 +40,11 @@ def right_padded(batch):
 
 
 def full_logprobs(model, batch, b, continuation=()):
-    """Reference: plain HF forward of row b unpadded (plus a continuation), fp32 log-probs at every position."""
+    """Reference: one full forward of row b unpadded (plus a continuation), fp32 log-probs at every position."""
     n = int(batch["attention_mask"][b].sum())
     ids = torch.cat([batch["input_ids"][b, :n], torch.tensor(continuation, dtype=torch.long)])[None]
-    logits = model.llava(input_ids=ids, pixel_values_videos=batch["pixel_values_videos"][b:b + 1]).logits[0]
+    row = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=batch["pixel_values_videos"][b:b + 1])
+    logits = model.llava.lm_head(model.llava.model(**model.lm_inputs(row)).last_hidden_state)[0]
     return logits.float().log_softmax(-1), n
 
 
@@ -67,13 +68,13 @@ def test_letter_scores_pick_the_letter_a_hand_built_head_prefers():
     batch = make_batch(model, [data.mqa_question(["take plate", "open fridge", "wash cup", "cut onion", "put lid"]),
                                data.mqa_question(["a", "b", "c", "d", "e"])])
     scores = S.score_options(model, batch, 5)
-    assert S.choose(scores).tolist() == [2, 2]
+    assert scores.argmax(-1).tolist() == [2, 2]
     expected = torch.tensor([0, 0, 5.0, 0, 0]).log_softmax(-1)
     torch.testing.assert_close(scores, expected.expand(2, 5))
 
 
 def test_score_options_equals_full_forward_at_last_real_position(model):
-    batch = make_batch(model, [data.mqa_question(["take plate", "open the fridge door now", "wash cup"]),
+    batch = make_batch(model, [data.mqa_question(["take plate", "open the fridge door now", "wash cup and plate"]),
                                data.mqa_question(["cut", "mix", "pour"]),
                                data.mqa_question(["put-down coffee maker on the counter", "dry hands", "open tap"])])
     assert right_padded(batch)
@@ -92,11 +93,11 @@ def test_candidate_trie_feeds_each_shared_prefix_once():
     assert trie.where.tolist() == [[0, 1], [0, 1], [0, 2], [3, -1], [-1, -1]]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_multi_round_equals_one_full_forward_per_candidate(attn):
-    model = tiny()
+@pytest.mark.parametrize("attn, layout", [("sdpa", "grid"), ("eager", "hf")])
+def test_multi_round_equals_one_full_forward_per_candidate(attn, layout):
+    model = tiny(layout)
     model.llava.set_attn_implementation(attn)
-    batch = make_batch(model, [data.DIRECT_PROMPT, "What is in the video? " + data.DIRECT_PROMPT])
+    batch = make_batch(model, [data.direct_question(), "What is in the video? " + data.DIRECT_PROMPT])
     assert right_padded(batch)
     candidates = S.candidate_token_ids(model.tokenizer, TEXTS)
     assert len({len(c) for c in candidates}) > 3 and candidates[-1] == [model.tokenizer.eos_token_id]
@@ -121,7 +122,7 @@ def test_two_stage_predicts_only_inside_the_top_k(model):
     option_actions = recognizer.topk(5, dim=1).indices
     labels = [f"action {a}" for a in range(12)]
     batch = make_batch(model, [data.mqa_question([labels[a] for a in row]) for row in option_actions.tolist()])
-    action, verb, noun = S.map_choice_to_action(S.choose(S.score_options(model, batch, 5)), option_actions, pairs)
+    action, verb, noun = S.map_choice_to_action(S.score_options(model, batch, 5).argmax(-1), option_actions, pairs)
     assert all(a in row for a, row in zip(action.tolist(), option_actions.tolist()))
     assert (action != truth).all()
     assert torch.equal(torch.stack([verb, noun], 1), pairs[action])
@@ -130,8 +131,39 @@ def test_two_stage_predicts_only_inside_the_top_k(model):
     assert S.map_choice_to_action([0, 1], [[7, 8], [9, 10]]).tolist() == [7, 10]
 
 
+def test_option_texts_equal_a_full_forward_per_option(model):
+    """--score text: each row's options scored as whole answers (their tokens plus <|im_end|>), mean
+    log-likelihood, against one full forward of the prompt plus each option; rows with different options."""
+    options = [["take plate", "open the fridge door", "wash cup", "cut"], ["put-down coffee maker", "cut", "mix", "dry hands"]]
+    batch = make_batch(model, [data.mqa_question(o) for o in options])
+    assert right_padded(batch)
+    for reduce in ("mean", "sum"):
+        scores = S.score_option_texts(model, batch, options, chunk=3, reduce=reduce)
+        assert scores.shape == (2, 4)
+        for b, row in enumerate(options):
+            for j, text in enumerate(row):
+                c = S.candidate_token_ids(model.tokenizer, [text])[0]
+                lp, n = full_logprobs(model, batch, b, c)
+                token_lp = lp[n - 1 + torch.arange(len(c)), torch.tensor(c)]
+                torch.testing.assert_close(scores[b, j], token_lp.mean() if reduce == "mean" else token_lp.sum(),
+                                           atol=1e-5, rtol=0)
+
+
+def test_option_texts_pick_what_a_hand_set_model_finds_likely():
+    """With an LM head that only ever says 'cup', the option 'cup' wins, wherever it stands."""
+    model = tiny()
+    cup, end = model.tokenizer(" cup", add_special_tokens=False).input_ids, model.tokenizer.eos_token_id
+    head = nn.Linear(model.llava.lm_head.in_features, model.llava.lm_head.out_features)
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    head.bias.data[cup + [end]] = 8.0
+    model.llava.lm_head = head
+    options = [[" plate", " cup", " pan"], [" cup", " plate", " pan"], [" pan", " plate", " cup"]]
+    batch = make_batch(model, [data.mqa_question(o) for o in options])
+    assert S.score_option_texts(model, batch, options).argmax(-1).tolist() == [1, 0, 2]
+
+
 def test_generate_answer_batched_equals_one_by_one(model):
-    batch = make_batch(model, [data.mqa_question(["take plate", "open fridge"]), data.DIRECT_PROMPT])
+    batch = make_batch(model, [data.mqa_question(["take plate", "open fridge"]), data.direct_question()])
     assert right_padded(batch)
     answers = S.generate_answer(model, batch, max_new_tokens=6)
     for b in range(2):
@@ -139,4 +171,16 @@ def test_generate_answer_batched_equals_one_by_one(model):
         row = dict(input_ids=batch["input_ids"][b:b + 1, :n], attention_mask=batch["attention_mask"][b:b + 1, :n],
                    pixel_values_videos=batch["pixel_values_videos"][b:b + 1])
         assert S.generate_answer(model, row, max_new_tokens=6) == [answers[b]]
-    assert all(-1 <= S.parse_letter(a, 2) < 2 for a in answers)
+
+
+def test_generate_and_parse_reads_the_letter_a_hand_set_model_writes():
+    """--score generate: an LM head that writes "B" then ends is read as option B on every row."""
+    model = tiny()
+    letter, end = model.tokenizer("B", add_special_tokens=False).input_ids[0], model.tokenizer.eos_token_id
+    head = nn.Linear(model.llava.lm_head.in_features, model.llava.lm_head.out_features)
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    head.bias.data[letter], head.bias.data[end] = 9.0, 8.0
+    model.llava.lm_head = head
+    batch = make_batch(model, [data.mqa_question(["take plate", "open fridge"]), data.mqa_question(["a", "b", "c"])])
+    answers = S.generate_answer(model, batch, max_new_tokens=1)
+    assert answers == ["B", "B"] and [S.parse_letter(a, 2) for a in answers] == [1, 1]

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import data
+import evaluate
 import train
 from model import load_model
 
@@ -53,18 +55,25 @@ def losses(run_dir):
 
 def final_weights(run_dir):
     """The exported model, loaded as evaluate.py does."""
-    return load_model(run_dir, None, None, None).state_dict()
+    return load_model(run_dir).state_dict()
 
 # -----------------------------------------------------------------------------
 # config, batches and schedule (in-process, fast)
 
 
-def test_preset_fills_only_flags_not_given(tmp_path):
+def test_flags_win_over_the_resumed_run_over_the_preset_over_the_defaults(tmp_path):
     args, preset = train.resolve_args(["--data", "toy", "--annotations", str(tmp_path), "--lr", "1e-5"])
     assert args.lr == 1e-5 and "lr" not in preset and args.lr_vision == preset["lr_vision"] != 2e-6
-    assert args.base == "tiny" and args.video_root == str(tmp_path / "videos")
+    assert args.base == "tiny" and args.video_root == str(tmp_path / "videos") and args.frames == 8
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps(dict(vars(args), frames=4, lr_vision=7e-4, out="elsewhere")))
+    resumed, preset = train.resolve_args(["--resume", str(run), "--lr-vision", "3e-4"])
+    assert (resumed.frames, resumed.lr_vision, resumed.lr, resumed.out) == (4, 3e-4, 1e-5, str(run))
+    assert "frames" not in preset and preset["batch_size"] == 16
     args, _ = train.resolve_args(["--annotations", "A", "--train-file", "x.jsonl,y.jsonl", "--train-file", "z.jsonl"])
     assert args.train_file == ["x.jsonl", "y.jsonl", "z.jsonl"] and args.lr == 1e-5 and args.batch_size == 64
+    assert args.prompt_style is None and args.temporal == "paper"  # the base's own style; the paper's temporal form
 
 
 def test_global_batches_do_not_depend_on_the_number_of_ranks():
@@ -92,24 +101,30 @@ def test_schedule_warms_up_then_decays_to_zero_at_the_planned_end():
 
 def test_toy_run_learns(toy, tmp_path):
     """Loss falls and the heads beat chance on the training batches; MQA is evaluated before and after training
-    on the whole benchmark, and the exported model is what evaluate.py loads. (The tiny model needs far more
-    steps than a test affords to beat chance on the MQA letters: see the README's Known gap.)"""
+    on the whole benchmark, by letter and by option text, and the exported model is what evaluate.py loads and
+    scores the same. (The tiny model needs far more steps than a test affords to beat chance on the letters.)"""
     out = tmp_path / "run"
     p = run(*SMALL, "--annotations", toy, "--out", out, "--max-steps", 40, "--eval-every", 40, "--lr", "3e-3")
     records = log(out)
     steps = [r for r in records if "loss" in r]
-    evals = {r["step"]: r for r in records if "mqa_accuracy" in r}
+    evals = {r["step"]: r for r in records if "mqa_letter" in r}
     first, last = np.mean([r["loss"] for r in steps[:5]]), np.mean([r["loss"] for r in steps[-5:]])
     assert last < 0.5 * first, (first, last)
     assert np.mean([r["verb_acc"] for r in steps[-10:]]) > 2 / 6 and np.mean([r["noun_acc"] for r in steps[-10:]]) > 2 / 8
     n_questions = len((Path(toy) / "ek100_mqa_tim_k5.jsonl").read_text().splitlines())
     assert sorted(evals) == [0, 40] and all(e["eval_n"] == n_questions for e in evals.values())
-    assert "MQA accuracy" in p.stdout and (out / "step_40" / "train_state.json").exists()
+    assert "by option text" in p.stdout and "expect the option texts well above chance" in p.stdout
+    assert (out / "step_40" / "train_state.json").exists()
+    for score in ("letter", "text"):  # evaluate.py on the export agrees with the in-training check
+        evaluate.main(["--ckpt", str(out), "--annotations", str(toy), "--frames", "4", "--num-workers", "0",
+                       "--score", score, "--out", str(tmp_path / score)])
+        m = json.loads((tmp_path / score / "metrics.json").read_text())["4"]
+        assert m["accuracy"] == pytest.approx(evals[40][f"mqa_{score}"]) and m["prompt_style"] == "official"
     assert all(k in steps[-1] for k in ("lm_loss", "verb_loss", "noun_loss", "action_loss", "lr", "lr_vision",
                                          "tokens_per_s", "samples_per_s", "bad_videos", "clamped_frames"))
     assert json.loads((out / "args.json").read_text())["frames"] == 4
     trained = final_weights(out)  # the export holds the trained weights, not the initial ones
-    initial = load_model("tiny", 6, 8, len(trained["action_head.bias"])).state_dict()
+    initial = load_model("tiny", action_tokens=1, n_verbs=6, n_nouns=8, n_actions=len(trained["action_head.weight"])).state_dict()
     assert trained.keys() == initial.keys()
     assert not torch.equal(trained["llava.lm_head.weight"], initial["llava.lm_head.weight"])
 
@@ -145,7 +160,8 @@ def test_two_ranks_match_one_process(toy, tmp_path, parallel):
     run("--resume", tmp_path / "two", nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(two) == [1, 2, 3, 4] and all(abs(one[s] - two[s]) < 1e-4 for s in one), (one, two)
-    accuracy = [{r["step"]: r["mqa_accuracy"] for r in log(tmp_path / d) if "mqa_accuracy" in r} for d in ("one", "two")]
+    accuracy = [{r["step"]: (r["mqa_letter"], r["mqa_text"]) for r in log(tmp_path / d) if "mqa_letter" in r}
+                for d in ("one", "two")]
     assert accuracy[0] == accuracy[1] and sorted(accuracy[0]) == evals
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert w1.keys() == w2.keys()
@@ -163,6 +179,12 @@ def test_missing_video_names_the_file_unless_skip_bad(toy, tmp_path):
     assert [r for r in log(tmp_path / "run") if "loss" in r][-1]["bad_videos"] > 0
 
 
-def test_unknown_base_lists_the_aliases(toy, tmp_path):
+def test_bad_inputs_leave_no_run_folder(toy, tmp_path):
     p = run("--base", "no-such-model", "--annotations", toy, "--data", "toy", "--out", tmp_path / "run", check=False)
     assert p.returncode != 0 and "llava-video-7b" in p.stderr and "tiny" in p.stderr
+    empty = shutil.copytree(toy, tmp_path / "empty", ignore=shutil.ignore_patterns("videos"))
+    header = (empty / data.SPLIT_FILES["train"]).read_text().splitlines()[0]
+    (empty / data.SPLIT_FILES["train"]).write_text(header + "\n")
+    p = run(*SMALL, "--annotations", empty, "--out", tmp_path / "run", check=False)
+    assert p.returncode != 0 and "EPIC_100_train.csv has a header but no rows" in p.stderr
+    assert not (tmp_path / "run").exists()

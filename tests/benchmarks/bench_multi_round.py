@@ -39,33 +39,32 @@ def candidates_for(model, texts, real_vocab):
     tokens per label, so the timing reflects the real continuation length."""
     if not real_vocab:
         return S.candidate_token_ids(model.tokenizer, texts)
-    end = model.tokenizer.convert_tokens_to_ids(S.IM_END)
+    end = model.tokenizer.convert_tokens_to_ids(data.IM_END)
     words = {w: 1000 + i for i, w in enumerate(sorted({w for t in texts for w in t.split()}))}
     return [[words[w] for w in t.split()] + [end] for t in texts]
 
 
-def clip_batch(model, n_frames, device):
-    """One clip: random frames, LLaVA-Video's time instruction and the direct-prediction question."""
+def clip_batch(model, n_frames, device, question=None):
+    """One clip: random frames, the time instruction and (by default) the direct-prediction question."""
     spec = model.spec
-    question = data.TIME_PROMPT.format(duration=2.5, frames=n_frames) + "\n" + data.DIRECT_PROMPT
+    question = data.TIME_PROMPT.format(duration=2.5, frames=n_frames) + (question or data.direct_question())
     ids, _ = data.encode_conversation(model.tokenizer, question, None, spec.video_tokens(n_frames),
-                                      model.n_action_tokens)
+                                      model.cfg.action_tokens)
     frames = torch.randint(0, 256, (n_frames, spec.size, spec.size, 3), dtype=torch.uint8)
     return dict(input_ids=torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device,
-                dtype=torch.long), pixel_values_videos=M.preprocess_frames(frames, spec)[None].to(device))
+                dtype=torch.long), pixel_values_videos=data.preprocess_frames(frames, spec.size, spec.mean, spec.std)[None].to(device))
 
 
 @torch.no_grad()
 def naive_scores(model, batch, candidates):
     """The paper's way: one full forward (vision tower included) per candidate, mean log-prob of its tokens."""
-    llava, ids = model.llava, batch["input_ids"][0]
-    pixels = batch["pixel_values_videos"].to(llava.dtype)
-    out = []
+    ids, out = batch["input_ids"][0], []
     for c in candidates:
         c = torch.tensor(c, device=ids.device)
-        logits = llava(input_ids=torch.cat([ids, c])[None], pixel_values_videos=pixels,
-                       logits_to_keep=len(c) + 1).logits[0, :-1].float()
-        out.append(logits.log_softmax(-1).gather(1, c[:, None]).mean())
+        full = torch.cat([ids, c])[None]
+        row = dict(batch, input_ids=full, attention_mask=torch.ones_like(full))
+        h = model.llava.model(**model.lm_inputs(row)).last_hidden_state[0, -len(c) - 1:-1]
+        out.append(model.llava.lm_head(h).float().log_softmax(-1).gather(1, c[:, None]).mean())
     return torch.stack(out)[None]
 
 
@@ -83,6 +82,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="tiny")
     p.add_argument("--random-init", action="store_true")
+    p.add_argument("--tokenizer", default=None, help="--random-init of a real alias: a tokenizer folder, or 'tiny'")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--actions", type=int, default=None, help="candidates (default 600 on tiny, 3,806 otherwise)")
@@ -97,8 +97,8 @@ def main():
     torch.manual_seed(0)
     dtype = torch.float32 if tiny else torch.bfloat16
     with torch.device(args.device):  # parameters are created on the device: a 7B model never sits on the CPU
-        llava, tokenizer = M.load_base(args.base, random_init=args.random_init, dtype=dtype)
-        model = M.ActionLLaVA(llava, tokenizer, 97, 300, n_actions).eval()
+        model = M.load_model(args.base, args.random_init, dtype, tokenizer=args.tokenizer, action_tokens=1).eval()
+    tokenizer = model.tokenizer
     texts = action_texts(n_actions)
     candidates = candidates_for(model, texts, real_vocab=not tiny and len(tokenizer) < 10_000)
     batch = clip_batch(model, args.frames, args.device)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import structured  # noqa: E402
-from model import load_model  # noqa: E402
+from model import load_for_eval  # noqa: E402
 
 
 def timed_forward(device, spent):
@@ -38,14 +38,14 @@ def timed_forward(device, spent):
     return score_options
 
 
-def run(model, rows, args, workers, device):
+def run(model, rows, vocab, args, workers, device):
     """(wall seconds, forward seconds) of one two-stage pass over rows."""
     spent = [0.0]
     structured.score_options = timed_forward(device, spent)
-    batches = evaluate.plan_batches(rows, {}, 0, 1, args.batch_size, sap=False)
+    batches = evaluate.plan_batches(rows, {}, 0, 1, args.batch_size, False, args.prompt_style)
     t = time.perf_counter()
-    n = sum(1 for _ in evaluate.predict(model, rows, batches, "two_stage", args.frames, args.video_root,
-                                        num_workers=workers))
+    n = sum(1 for _ in evaluate.predict(model, rows, batches, args.frames, vocab, argparse.Namespace(
+        **vars(args), num_workers=workers), {}))
     assert n == len(rows)
     return time.perf_counter() - t, spent[0]
 
@@ -56,6 +56,7 @@ if __name__ == "__main__":
     p.add_argument("--video-root", default=None, help="default {annotations}/videos")
     p.add_argument("--base", default="tiny")
     p.add_argument("--random-init", action="store_true", help="with a real alias: its shapes, random weights")
+    p.add_argument("--tokenizer", default=None, help="--random-init of a real alias: a tokenizer folder, or 'tiny'")
     p.add_argument("--topk", type=int, default=20)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
@@ -69,17 +70,18 @@ if __name__ == "__main__":
     args.video_root = args.video_root or str(root / "videos")
     device = torch.device(args.device)
     ann = data.load_annotations(root)
-    rows = evaluate.two_stage_rows(ann, "validation", root / "scores" / "tim_validation.npz", args.topk, "label")
+    args.__dict__.update(mode="two_stage", score="letter", sap=False, skip_bad=False, candidates=None, split="validation",
+                         scores=root / "scores" / "tim_validation.npz", text="label", seed=0, perspective="ego")
+    model = load_for_eval(args.base, device, args.random_init, args.tokenizer)
+    args.prompt_style, args.time_prompt = model.cfg.prompt_style, model.cfg.time_instruction
+    rows = evaluate.ask(evaluate.two_stage_rows(ann, args), args)
     rows = [dict(rows[i % len(rows)], id=f"{rows[i % len(rows)]['id']}#{i}") for i in range(args.clips)]
     vocab = ann.vocab
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    model = load_model(args.base, len(vocab.verbs), len(vocab.nouns), len(vocab), random_init=args.random_init,
-                       dtype=dtype).to(device).eval()
-    run(model, rows[:args.batch_size], args, 0, device)  # warm-up: first-call allocations and kernel choice
+    run(model, rows[:args.batch_size], vocab, args, 0, device)  # warm-up: first-call allocations and kernel choice
     print(f"two-stage, {len(rows)} clips, top-{args.topk}, {args.frames} frames, batch {args.batch_size}, "
           f"{args.base} on {device}, torch threads {torch.get_num_threads()}")
     print(f"{'workers':>8} {'wall s':>8} {'forward s':>10} {'outside':>8} {'clips/s':>8}")
     for workers in args.workers:
-        wall, fwd = min((run(model, rows, args, workers, device) for _ in range(args.repeats)),
+        wall, fwd = min((run(model, rows, vocab, args, workers, device) for _ in range(args.repeats)),
                         key=lambda r: r[0])
         print(f"{workers:>8} {wall:>8.2f} {fwd:>10.2f} {1 - fwd / wall:>8.1%} {len(rows) / wall:>8.1f}")
