@@ -209,7 +209,7 @@ def main(argv):
     parser.add_argument("--maps", action="store_true", help="write {out}/maps/{id}.png for every selected clip")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
-                        help="DataLoader workers decoding the clips (default: cores / (4 x ranks on the node), at most 4)")
+                        help="DataLoader workers decoding the clips (default: cores / (4 x ranks), at most 4)")
     parser.add_argument("--action-tokens", type=int, choices=[0, 1, 3], default=1,
                         help="for a base without heads (a checkpoint with heads has its own)")
     parser.add_argument("--random-init", action="store_true", help="a real alias built from its config")

@@ -42,7 +42,8 @@ PRIOR_PROMPT = ("{t2} seconds ago, you started an action {a2}. {t1} seconds ago,
 DIRECT_PROMPT = "What action are you performing? Give a short sentence such as 'move knife'."
 CAPTION_PROMPT = {"official": " Describe in details what you see from the video frames. You must talk in the first "
                               "person perspective. Try to focus on what you are doing. ",
-                  "paper": "Describe in details what you see from the video frames. Try to focus on what you are doing."}
+                  "paper": "Describe in details what you see from the video frames. Try to focus on what you are "
+                           "doing."}
 TEMPORAL_PROMPT = ("The provided video contains an action '{action}' that lasts {duration} seconds. What is the "
                    "relative start and end time of the action in seconds? Format it as 'start_timestamp: "
                    "end_timestamp' and round to 2 decimal places.")
@@ -187,7 +188,7 @@ def load_annotations(root, splits=("train", "validation")):
     if (root / ACTIONS_FILE).exists():
         vocab = read_actions_csv(root / ACTIONS_FILE, verbs, nouns)
     else:
-        vocab = build_action_vocab([(s.verb_class, s.noun_class) for segs in loaded.values() for s in segs], verbs, nouns)
+        vocab = build_action_vocab([(s.verb_class, s.noun_class) for ss in loaded.values() for s in ss], verbs, nouns)
         write_atomic(root / ACTIONS_FILE, "id,verb_class,noun_class,label\n" + "".join(
             f"{i},{v},{n},{vocab.labels[i]}\n" for i, (v, n) in enumerate(vocab.pairs)))
     narrations = {}
@@ -422,7 +423,7 @@ def previous_actions(rows, style="official"):
         idx.sort(key=order)
         for k in range(2, len(idx)):
             a, b, c = (rows[j] for j in idx[k - 2:k + 1])
-            if style != "official" or (b["start"] - a["end"] <= PRIOR_MAX_GAP and c["start"] - b["end"] <= PRIOR_MAX_GAP):
+            if style != "official" or max(b["start"] - a["end"], c["start"] - b["end"]) <= PRIOR_MAX_GAP:
                 before[idx[k]] = idx[k - 2:k]
     return videos, before
 

@@ -43,12 +43,13 @@ import structured
 
 MODES, SCORES = ("mqa", "two_stage", "multi_round"), ("letter", "text", "generate")
 # flags that change what a prediction is: a resumed run must agree on them with the predictions already written
-RESUME_KEYS = ("mode", "ckpt", "random_init", "annotations", "split", "benchmark", "scores", "candidates", "topk", "text",
-               "seed", "sap", "score", "reduce", "prompt_style", "perspective", "time_prompt")
+RESUME_KEYS = ("mode", "ckpt", "random_init", "annotations", "split", "benchmark", "scores", "candidates", "topk",
+               "text", "seed", "sap", "score", "reduce", "prompt_style", "perspective", "time_prompt")
 MQA_FIELDS = ("id", "video_id", "start", "end", "options", "answer_index", "option_actions", "verb_class",
               "noun_class", "action_class")
 PAST_END = "starts after the video ends"  # load_clip's reason for a clip outside its video
-PLOTS = {"per_verb": "accuracy per verb", "per_noun": "accuracy per noun", "by_difficulty": "accuracy by difficulty level"}
+PLOTS = {"per_verb": "accuracy per verb", "per_noun": "accuracy per noun",
+         "by_difficulty": "accuracy by difficulty level"}  # metrics.json keys (figure 8, table 8)
 PLOT_WIDTH, PLOT_ROW, PLOT_HEADER = 800, 16, 28  # metric plots: height = PLOT_HEADER + PLOT_ROW * bars + 8
 
 # -----------------------------------------------------------------------------
@@ -99,7 +100,8 @@ def two_stage_rows(ann, args):
         if any(r["id"] not in ids for r in rows):
             raise ValueError(f"{args.candidates} holds rows that are not {args.split} segments of {ann.root}")
     else:
-        rows = mine.mine(ann, args.split, mine.read_scores(args.scores, ann, args.split), topk=args.topk, text=args.text)
+        scores = mine.read_scores(args.scores, ann, args.split)
+        rows = mine.mine(ann, args.split, scores, topk=args.topk, text=args.text)
     rng = np.random.default_rng(args.seed)
     for r in rows:
         order = rng.permutation(len(r["options"])).tolist()
@@ -432,7 +434,7 @@ def build_parser():
                    help="the time instruction before the question (default: as the checkpoint was trained)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward")
     p.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
-                   help="DataLoader workers decoding clips (default: cores / (4 x ranks on the node), at most 4)")
+                   help="DataLoader workers decoding clips (default: cores / (4 x ranks), at most 4)")
     p.add_argument("--chunk", type=int, default=256, help="multi_round, --score text: candidates per pass")
     p.add_argument("--ratings", default=None, help="difficulty levels by narration id (CSV or JSON)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) samples whose video cannot be read; "
@@ -469,6 +471,9 @@ def main(argv):
             "multi_round": lambda: multi_round_rows(ann, args)}[args.mode]()[:args.limit]
     if not rows:
         parser.error(f"no samples to evaluate in {args.benchmark if args.mode == 'mqa' else root}")
+    if rank == 0 and not args.random_init:
+        model_lib.resolve(args.ckpt, args.cache)  # rank 0 first: it may download the checkpoint or convert it
+    barrier()
     model = model_lib.load_for_eval(args.ckpt, device, args.random_init, args.tokenizer, args.cache)
     args.prompt_style = args.prompt_style or model.cfg.prompt_style
     args.time_prompt = model.cfg.time_instruction if args.time_prompt is None else args.time_prompt

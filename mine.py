@@ -3,8 +3,9 @@
 Turns EPIC-style annotations plus a recognizer's N x A action scores (TIM, AVION, ...) into multiple-choice
 files: the EK100-MQA benchmark (eq. 3: the truth and the recognizer's top K-1 other classes), training files
 (--pool: K-1 distractors drawn from a larger top pool), random-distractor files (eq. 2, --model random) and
-two-stage candidate files (--topk N: the top N in rank order, the truth not added). `compare A B` prints the appendix-D statistics of two
-recognizers: top-1 agreement, top-k overlap and the Jensen-Shannon divergence of their softmaxed scores.
+two-stage candidate files (--topk N: the top N in rank order, the truth not added). `compare A B` prints the
+appendix-D statistics of two recognizers: top-1 agreement, top-k overlap and the Jensen-Shannon divergence of
+their softmaxed scores.
 
     python mine.py --model tim --annotations toy --split validation --k 5 --out toy/ek100_mqa_tim_k5.jsonl
     python mine.py compare toy/scores/tim_validation.npz toy/scores/avion_validation.npz
@@ -23,7 +24,8 @@ RANDOM = "random"                 # --model random: eq. 2, no score file
 TEXTS = ("narration", "label")    # option texts: a narration of the class, or its label
 JS_CHUNK = 1024                   # rows per chunk in compare, so (N, A) float64 temporaries stay small
 TOY_K, TOY_DRAWS = 5, 8           # the toy quickstart's options per question and training MQA draws
-TOY_TRAIN, TOY_BENCHMARK = f"train_mqa_avion_k{TOY_K}_pool{2 * (TOY_K - 1)}_x{TOY_DRAWS}.jsonl", f"ek100_mqa_tim_k{TOY_K}.jsonl"
+TOY_TRAIN = f"train_mqa_avion_k{TOY_K}_pool{2 * (TOY_K - 1)}_x{TOY_DRAWS}.jsonl"  # its mined files
+TOY_BENCHMARK = f"ek100_mqa_tim_k{TOY_K}.jsonl"
 
 # -----------------------------------------------------------------------------
 # score files: .npz / .pt / ranked JSON / .pkl -> (ids, scores), then aligned to a split's segments
@@ -327,12 +329,12 @@ def main(argv):
     p.add_argument("--scores", default=None, help="score file; default {annotations}/scores/{model}_{split}.npz")
     p.add_argument("--k", type=int, default=5, help="options per question (also the k of compare's top-k)")
     p.add_argument("--pool", type=int, default=None, help="draw the K-1 distractors from the top N (default K-1)")
-    p.add_argument("--topk", type=int, default=None, help="two-stage candidates: the top N classes, the truth not added")
+    p.add_argument("--topk", type=int, default=None, help="two-stage candidates: the top N, the truth not added")
     p.add_argument("--text", choices=TEXTS, default="narration", help="option texts: narrations or class labels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-pickle", action="store_true", help="allow .pkl score files (a pickle runs code)")
     p.add_argument("--out", default=None, help="JSONL to write; default {annotations}/ek100_mqa_{model}_k{K}.jsonl "
-                   "(validation), {annotations}/{split}_mqa_{model}_k{K}.jsonl or {annotations}/{split}_top{N}_{model}.jsonl")
+                   "(validation), {split}_mqa_{model}_k{K}.jsonl or {split}_top{N}_{model}.jsonl there")
     p.add_argument("--json", default=None, help="compare: also write the statistics to this JSON file")
     args = p.parse_args(argv)
 

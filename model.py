@@ -38,7 +38,8 @@ SIGLIP_SO400M_ID = "google/siglip-so400m-patch14-384"
 # so400m-384/14 with its last layer dropped and no head, as the authors' tower and the native class use it
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
                      image_size=384, patch_size=14, vision_use_head=False)
-QWEN2 = dict(max_position_embeddings=32768, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+QWEN2 = dict(max_position_embeddings=32768, rms_norm_eps=1e-6,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 QWEN2_7B = dict(QWEN2, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                 num_key_value_heads=4, tie_word_embeddings=False)
 QWEN2_05B = dict(QWEN2, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -59,10 +60,11 @@ class Base:
     action_tokens: int = 0  # the released action token(s) and heads
 
 
+NEXT_7B, NEXT_05B = dict(QWEN2_7B, vocab_size=152064), dict(QWEN2_05B, vocab_size=151936)  # LLaVA-NeXT tables
 BASES = {
-    "llava-video-7b": Base("lmms-lab/LLaVA-Video-7B-Qwen2", dict(QWEN2_7B, vocab_size=152064), "grid", True),
-    "llavaction-7b": Base("MLAdaptiveIntelligence/LLaVAction-7B", dict(QWEN2_7B, vocab_size=152064), "grid", True, 1),
-    "llavaction-0.5b": Base("MLAdaptiveIntelligence/LLaVAction-0.5B", dict(QWEN2_05B, vocab_size=151936), "grid", True, 1),
+    "llava-video-7b": Base("lmms-lab/LLaVA-Video-7B-Qwen2", NEXT_7B, "grid", True),
+    "llavaction-7b": Base("MLAdaptiveIntelligence/LLaVAction-7B", NEXT_7B, "grid", True, 1),
+    "llavaction-0.5b": Base("MLAdaptiveIntelligence/LLaVAction-0.5B", NEXT_05B, "grid", True, 1),
     "llava-ov-7b": Base("llava-hf/llava-onevision-qwen2-7b-ov-hf", dict(QWEN2_7B, vocab_size=152128), "hf", False),
     "llava-ov-0.5b": Base("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", dict(QWEN2_05B, vocab_size=152000), "hf", False),
     "tiny": Base(None, TINY_TEXT, "grid", False),  # tests, the toy demo, CPU runs
@@ -247,9 +249,10 @@ def next_config(src, cfg, tokenizer):
         vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=text.tie_word_embeddings)
     tokens = {None: 0, "one_token": 1, "three_tokens": 3}[cfg.get("vision_supervision")]
     sizes = [int(x) for x in cfg["action_types"].split(",")] if tokens else [97, 300, 3806]
+    grid = cfg.get("mm_newline_position", "grid") == "grid"  # LLaVA-Video's layout, trained with the time prompt
     action = ActionConfig(tokens, *sizes, supervise_layer=SUPERVISED_LAYER[cfg.get("vision_token_training")],
-                          video_layout="grid" if cfg.get("mm_newline_position", "grid") == "grid" else "hf",
-                          time_instruction=bool(cfg.get("add_time_instruction", False)))
+                          video_layout="grid" if grid else "hf",
+                          time_instruction=bool(cfg.get("add_time_instruction", grid)))
     return config, action
 
 
@@ -271,7 +274,8 @@ def convert(src, out):
         expected.discard("lm_head.weight")
     expected |= set(HEAD_KEYS) if action.action_tokens else set()
     index = src / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+        "model.safetensors"]
     if not all((src / s).exists() for s in shards):
         raise FileNotFoundError(f"{src}: no {shards[0]}; only safetensors checkpoints convert")
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
@@ -290,8 +294,8 @@ def convert(src, out):
             size += sum(t.numel() * t.element_size() for t in tensors.values())
         written = set(weight_map) | set(heads)
         if written != expected:
-            raise ValueError(f"{src}: the weights do not match its config.json: missing {sorted(expected - written)[:5]}"
-                             f", unexpected {sorted(written - expected)[:5]}")
+            raise ValueError(f"{src}: the weights do not match its config.json: missing "
+                             f"{sorted(expected - written)[:5]}, unexpected {sorted(written - expected)[:5]}")
         if index.exists():
             data.write_json_atomic(tmp / index.name, {"metadata": {"total_size": size}, "weight_map": weight_map})
         config.dtype = cfg.get("torch_dtype") or cfg.get("dtype")
@@ -300,7 +304,11 @@ def convert(src, out):
         if heads:
             torch.save(heads, tmp / "heads.pt")
         data.write_json_atomic(tmp / "action.json", asdict(action))
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process converted it meanwhile
+            if not (out / "action.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -309,7 +317,9 @@ def convert(src, out):
 def resolve(name, cache=None):
     """A native checkpoint for `name`: an alias's hub id, a local folder or a hub id; an official-format one is
     converted once into a folder beside it (`{folder}.native`) or, for a hub id, under the cache
-    ($LLAVACTION_CACHE, default ~/.cache/llavaction), or under `cache` when given."""
+    ($LLAVACTION_CACHE, default ~/.cache/llavaction), or under `cache` when given. `tiny` is built in code."""
+    if name == "tiny":
+        return name
     source = BASES[name].source if name in BASES else str(name)
     local = Path(source)
     if local.is_dir():
@@ -374,6 +384,9 @@ def load_base(name, random_init=False, dtype=None, device=None, tokenizer=None, 
         except (ValueError, TypeError) as e:
             raise ValueError(f"checkpoint {path}: action.json is corrupt ({e}); re-export the checkpoint") from None
         heads = Path(path) / "heads.pt" if saved.get("action_tokens") and not random_init else None
+        if heads and not heads.exists():
+            raise FileNotFoundError(f"checkpoint {path}: action.json names {saved['action_tokens']} action token(s) "
+                                    "but heads.pt is missing; re-export the checkpoint")
         tok = with_special_tokens(transformers.AutoTokenizer.from_pretrained(path))
         if random_init:
             config = transformers.LlavaOnevisionConfig.from_pretrained(path)
@@ -527,7 +540,7 @@ class ActionLLaVA(nn.Module):
 HEAD_FIELDS = ("n_verbs", "n_nouns", "n_actions", "head_bias")
 
 
-def load_model(name, random_init=False, dtype=None, device=None, tokenizer=None, cache=None, **overrides) -> ActionLLaVA:
+def load_model(name, random_init=False, dtype=None, device=None, tokenizer=None, cache=None, **overrides):
     """An alias, a local folder or a hub id, native or LLaVA-NeXT (converted once), as an ActionLLaVA. A
     checkpoint with heads keeps its own (its token count and head sizes win; a given size that differs is an
     error); otherwise `overrides` (ActionConfig fields, None = the checkpoint's) make fresh ones. The layout,

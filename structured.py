@@ -167,7 +167,7 @@ def generate_answer(model, batch, max_new_tokens=16) -> list[str]:
     inputs, tok = model.lm_inputs(batch), model.tokenizer
     L = inputs["input_ids"].shape[1]
     roll = (torch.arange(L, device=model.llava.device) - (L - inputs["attention_mask"].sum(1, keepdim=True))) % L
-    inputs.update(input_ids=inputs["input_ids"].gather(1, roll), attention_mask=inputs["attention_mask"].gather(1, roll))
+    inputs = {k: v.gather(1, roll) if k in ("input_ids", "attention_mask") else v for k, v in inputs.items()}
     out = model.llava.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                                eos_token_id=tok.convert_tokens_to_ids(IM_END))
     return tok.batch_decode(out[:, L:], skip_special_tokens=True)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 import data
 import mine
 import structured
-from model import ActionLLaVA, describe, load_model
+from model import ActionLLaVA, describe, load_model, resolve
 
 TOY_VIDEOS = (12, 2)  # train / validation videos of the quickstart's toy kitchen
 TOY_EXPECTATION = ("\nOn the toy, expect the option texts well above chance and the letters near it: a random-init LM "
@@ -76,7 +76,7 @@ def build_parser():
     p.add_argument("--replay-ratio", type=float, default=0.0, help="replay rows per task row")
     p.add_argument("--skip-bad", action="store_true", help="count unreadable videos and go on without them")
     p.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
-                   help="DataLoader workers decoding clips, per rank (default: cores / (4 x ranks on the node), at most 4)")
+                   help="DataLoader workers decoding clips, per rank (default: cores / (4 x ranks), at most 4)")
     p.add_argument("--benchmark", default=None, help="MQA benchmark (mine.py) evaluated at the end")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps, and at step 0 (0: end only)")
     p.add_argument("--eval-batch-size", type=int, default=8)
@@ -316,11 +316,12 @@ def evaluate_mqa(raw, rows, args, autocast):
     batches = [padded[i:i + args.eval_batch_size] for i in range(0, len(padded), args.eval_batch_size)]
     was_training, counts = raw.training, torch.zeros(4, dtype=torch.float64)  # letter, text right; scored, skipped
     raw.eval()
-    for k, items in enumerate(DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, collate_fn=list)):
-        batch = data.collate(items, raw.tokenizer.pad_token_id)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, collate_fn=list)
+    for k, items in enumerate(tqdm(loader, desc="MQA check", disable=rank != 0, leave=False)):
+        batch, options = data.collate(items, raw.tokenizer.pad_token_id), [rows[x["index"]]["options"] for x in items]
         with autocast:
             letter = structured.score_options(raw, batch, k_options).argmax(-1).tolist()
-            text = structured.score_option_texts(raw, batch, [rows[x["index"]]["options"] for x in items]).argmax(-1).tolist()
+            text = structured.score_option_texts(raw, batch, options).argmax(-1).tolist()
         for j, item in enumerate(items):
             if k * args.eval_batch_size + j < len(share):
                 good, truth = item["bad"] is None, rows[item["index"]]["answer_index"]
@@ -359,9 +360,10 @@ def reduce_window(window, device):
 def step_stats(res):
     """What one micro-step adds to the logging window, by name: sums over its tokens and labelled samples."""
     hs = res["head_samples"].to(torch.float32)
-    return dict(lm_sum=res["lm_loss_sum"].detach(), lm_tokens=res["lm_tokens"].float(), head_sum=res["head_loss"].detach() * hs,
-                verb_sum=res["verb_loss"] * hs, noun_sum=res["noun_loss"] * hs, action_sum=res["action_loss"] * hs,
-                verb_correct=res["verb_acc"] * hs, noun_correct=res["noun_acc"] * hs, head_samples=hs)
+    return dict(lm_sum=res["lm_loss_sum"].detach(), lm_tokens=res["lm_tokens"].float(), head_samples=hs,
+                head_sum=res["head_loss"].detach() * hs, verb_sum=res["verb_loss"] * hs,
+                noun_sum=res["noun_loss"] * hs, action_sum=res["action_loss"] * hs,
+                verb_correct=res["verb_acc"] * hs, noun_correct=res["noun_acc"] * hs)
 
 
 def log_record(raw, s, step, epoch, lrs, dt, state, n_params, peak_tflops, world, grad_norm):
@@ -372,7 +374,8 @@ def log_record(raw, s, step, epoch, lrs, dt, state, n_params, peak_tflops, world
                   head_loss=s["head_sum"] / n_head, verb_loss=s["verb_sum"] / n_head, noun_loss=s["noun_sum"] / n_head,
                   action_loss=s["action_sum"] / n_head, verb_acc=s["verb_correct"] / n_head,
                   noun_acc=s["noun_correct"] / n_head, lr_vision=lrs[0], lr=lrs[1], tokens_per_s=s["tokens"] / dt,
-                  samples_per_s=s["samples"] / dt, bad_videos=state["bad_videos"], clamped_frames=state["clamped_frames"])
+                  samples_per_s=s["samples"] / dt, bad_videos=state["bad_videos"],
+                  clamped_frames=state["clamped_frames"])
     if peak_tflops:  # 6 x parameters x tokens: forward and backward of a dense model, per second
         record["mfu"] = 6 * n_params * s["tokens"] / dt / (peak_tflops * 1e12 * world)
     if grad_norm is not None:
@@ -385,21 +388,26 @@ def prepare(args, rank, world, say):
     annotations, the model (its resolved prompt style, time instruction and layout go back into args), the
     training rows and the benchmark's, asked in that style."""
     if args.batch_size % (world * args.grad_accum):
-        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of ranks x --grad-accum = {world * args.grad_accum}")
+        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of ranks x --grad-accum = "
+                         f"{world * args.grad_accum}")
     if args.data and rank == 0:
         if not (Path(args.annotations) / data.SPLIT_FILES["train"]).exists():
             data.make_toy(args.annotations, videos_per_split=TOY_VIDEOS)
         mine.mine_toy(args.annotations, args.seed)
+    if rank == 0 and not args.random_init:
+        resolve(args.base, args.cache)  # rank 0 first: it may download the checkpoint or convert it
     dist.barrier()
     ann = data.load_annotations(args.annotations)
     torch.manual_seed(args.seed)  # the heads start alike on every rank: FSDP shards each rank's own initialisation
-    raw = load_model(args.base, args.random_init, tokenizer=args.tokenizer, cache=args.cache, n_verbs=len(ann.vocab.verbs),
-                     n_nouns=len(ann.vocab.nouns), n_actions=len(ann.vocab), action_tokens=args.action_tokens,
+    raw = load_model(args.base, args.random_init, tokenizer=args.tokenizer, cache=args.cache,
+                     n_verbs=len(ann.vocab.verbs), n_nouns=len(ann.vocab.nouns), n_actions=len(ann.vocab),
+                     action_tokens=args.action_tokens,
                      head_bias=args.head_bias, supervise_layer=args.supervise_layer, head_weight=args.head_weight,
                      verb_weight=args.verb_weight, noun_weight=args.noun_weight, action_weight=args.action_weight,
                      head_norm=args.head_norm, video_layout=args.video_layout, prompt_style=args.prompt_style,
                      time_instruction=args.time_prompt)
-    args.prompt_style, args.time_prompt, args.video_layout = raw.cfg.prompt_style, raw.cfg.time_instruction, raw.cfg.video_layout
+    args.prompt_style, args.time_prompt, args.video_layout = (raw.cfg.prompt_style, raw.cfg.time_instruction,
+                                                              raw.cfg.video_layout)
     rows = training_rows(args, ann)
     eval_rows = [dict(r, question=data.mqa_question(r["options"], args.prompt_style, args.perspective))
                  for r in data.read_jsonl(args.benchmark)] if args.benchmark else None
@@ -452,7 +460,7 @@ def main(argv):
     raw, rows, eval_rows = prepare(args, rank, world, say)
     steps_per_epoch = len(rows) // args.batch_size
     total = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
-    stop, warmup = min(total, args.stop_after if args.stop_after is not None else total), math.ceil(args.warmup_ratio * total)
+    stop = min(total, args.stop_after if args.stop_after is not None else total)
     say(f"{steps_per_epoch} steps an epoch, {total} steps planned; {world} rank(s) x {args.grad_accum} micro-batches "
         f"of {args.batch_size // (world * args.grad_accum)}")
     raw.to(device).train()
@@ -476,9 +484,9 @@ def main(argv):
     while step < stop:
         epoch, start = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
-        batches = iter(DataLoader(dataset, batch_sampler=epoch_batches(len(rows), epoch, steps_per_epoch, args, rank, world,
-                                  start), collate_fn=collate, num_workers=args.num_workers, pin_memory=cuda,
-                                  prefetch_factor=4 if args.num_workers else None))
+        sampler = epoch_batches(len(rows), epoch, steps_per_epoch, args, rank, world, start)
+        batches = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers,
+                                  pin_memory=cuda, prefetch_factor=4 if args.num_workers else None))
         while step < min(stop, (epoch + 1) * steps_per_epoch):
             micro = [next(batches) for _ in range(args.grad_accum)]
             # The normalisers are known before any forward (labels come with the batch): the window's supervised
@@ -490,7 +498,7 @@ def main(argv):
                                   dtype=torch.float32, device=device)
             dist.all_reduce(counts)
             for group in opt.param_groups:
-                group["lr"] = group["peak"] * lr_scale(step, total, warmup)
+                group["lr"] = group["peak"] * lr_scale(step, total, math.ceil(args.warmup_ratio * total))
             for i, b in enumerate(micro):
                 host = dict(tokens=int(b["attention_mask"].sum()), samples=len(b["input_ids"]), bad=b["bad"],
                             clamped=b["clamped"])  # plain ints from the CPU batch: no device sync

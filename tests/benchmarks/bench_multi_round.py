@@ -78,18 +78,23 @@ def timed(fn, device):
     return out, time.perf_counter() - t
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_flags(p):
+    """The flags both model benchmarks share."""
     p.add_argument("--base", default="tiny")
     p.add_argument("--random-init", action="store_true")
     p.add_argument("--tokenizer", default=None, help="--random-init of a real alias: a tokenizer folder, or 'tiny'")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    return p
+
+
+def main():
+    p = model_flags(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--actions", type=int, default=None, help="candidates (default 600 on tiny, 3,806 otherwise)")
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--naive", type=int, default=None,
                    help="time the naive loop on this many candidates (default: all on tiny, 16 otherwise)")
-    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     tiny = args.base == "tiny"
     n_actions = args.actions or (600 if tiny else 3806)

@@ -17,19 +17,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import data  # noqa: E402
 import model as M  # noqa: E402
 import structured as S  # noqa: E402
-from bench_multi_round import action_texts, clip_batch, naive_scores, timed  # noqa: E402
+from bench_multi_round import action_texts, clip_batch, model_flags, naive_scores, timed  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default="tiny")
-    p.add_argument("--random-init", action="store_true")
-    p.add_argument("--tokenizer", default=None, help="--random-init of a real alias: a tokenizer folder, or 'tiny'")
-    p.add_argument("--frames", type=int, default=8)
+    p = model_flags(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--clips", type=int, default=8, help="clips in the batch")
     p.add_argument("--options", type=int, default=5, help="options per question (5: EK100-MQA, 20: two-stage)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.manual_seed(0)
     dtype = torch.float32 if args.base == "tiny" else torch.bfloat16
