@@ -212,9 +212,7 @@ def main(argv):
                         help="DataLoader workers decoding the clips (default: cores / (4 x ranks), at most 4)")
     parser.add_argument("--action-tokens", type=int, choices=[0, 1, 3], default=1,
                         help="for a base without heads (a checkpoint with heads has its own)")
-    parser.add_argument("--random-init", action="store_true", help="a real alias built from its config")
-    parser.add_argument("--tokenizer", default=None, help="--random-init of an alias: a tokenizer folder, or 'tiny'")
-    parser.add_argument("--cache", default=None, help="folder for checkpoints converted from the LLaVA-NeXT format")
+    model_lib.add_load_flags(parser)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="default: {ckpt}/attention, {ckpt}/attention/clips with --clip")

@@ -222,7 +222,8 @@ def find_video(video_root, video_id):
             if path.is_file():
                 return [(path, 0.0)]
     raise FileNotFoundError(f"video {video_id} not found under {root}: expected {root}/{video_id}.MP4 (flat), "
-                            f"{root}/{video_id.split('_')[0]}/videos/{video_id}.MP4 or {root}/{video_id}.MP4/0.MP4 (chunked)")
+                            f"{root}/{video_id.split('_')[0]}/videos/{video_id}.MP4 or {root}/{video_id}.MP4/0.MP4 "
+                            "(chunked)")
 
 
 def frame_times(start, end, n, jitter=False, rng=None):
@@ -249,7 +250,8 @@ def open_video(path, video_id, size=None):
     key = (os.getpid(), str(path), tuple(size) if size else None)
     if key not in _READERS:
         try:
-            reader = decord.VideoReader(str(path), num_threads=1, **({"height": size[0], "width": size[1]} if size else {}))
+            resize = {"height": size[0], "width": size[1]} if size else {}
+            reader = decord.VideoReader(str(path), num_threads=1, **resize)
         except Exception as e:
             raise RuntimeError(f"cannot read {path} (for {video_id}): {e}; re-encode it to H.264 mp4 or "
                                "pass --skip-bad") from None
@@ -631,7 +633,8 @@ def toy_object_mask(shape, dx, dy, r):
     ax, ay = np.abs(dx), np.abs(dy)
     return {"circle": dx ** 2 + dy ** 2 < r ** 2, "square": np.maximum(ax, ay) < r, "diamond": ax + ay < r * 1.3,
             "ring": np.abs(np.hypot(dx, dy) - r * 0.75) < r * 0.3, "hbar": (ax < r * 1.2) & (ay < r * 0.4),
-            "vbar": (ax < r * 0.4) & (ay < r * 1.2), "cross": ((ax < r * 0.35) | (ay < r * 0.35)) & (np.maximum(ax, ay) < r),
+            "vbar": (ax < r * 0.4) & (ay < r * 1.2),
+            "cross": ((ax < r * 0.35) | (ay < r * 0.35)) & (np.maximum(ax, ay) < r),
             "triangle": (dy < r) & (dy > -r) & (ax < (dy + r) * 0.55)}[shape]
 
 
@@ -699,7 +702,7 @@ def toy_caption(verb, noun):
             "qa": [[f"What colour is the {words}?", colour], ["How does the object move?", move]]}
 
 
-def make_toy(out, videos_per_split=(4, 2), segments_per_video=60, n_actions=30, fps=15, size=(64, 96), seed=0):
+def make_toy(out, videos_per_split=(12, 2), segments_per_video=60, n_actions=30, fps=15, size=(64, 96), seed=0):
     """A toy kitchen in EPIC's layout: CSVs, class files, mp4 videos and two recognizers' scores, plus
     captions.json (captions and open QA by narration id) and replay.json (LLaVA conversations, videos and text)."""
     out = Path(out)

@@ -43,8 +43,8 @@ import structured
 
 MODES, SCORES = ("mqa", "two_stage", "multi_round"), ("letter", "text", "generate")
 # flags that change what a prediction is: a resumed run must agree on them with the predictions already written
-RESUME_KEYS = ("mode", "ckpt", "random_init", "annotations", "split", "benchmark", "scores", "candidates", "topk",
-               "text", "seed", "sap", "score", "reduce", "prompt_style", "perspective", "time_prompt")
+RESUME_KEYS = ("mode", "ckpt", "weights", "random_init", "annotations", "split", "benchmark", "scores", "candidates",
+               "topk", "text", "seed", "sap", "score", "reduce", "prompt_style", "perspective", "time_prompt")
 MQA_FIELDS = ("id", "video_id", "start", "end", "options", "answer_index", "option_actions", "verb_class",
               "noun_class", "action_class")
 PAST_END = "starts after the video ends"  # load_clip's reason for a clip outside its video
@@ -128,7 +128,8 @@ def ask(rows, args):
 
 
 def read_predictions(folder):
-    """id -> prediction from the merged file and every rank's shard; a line cut short by a kill is dropped."""
+    """id -> prediction from the merged file and every rank's shard; a line cut short by a kill is dropped, and a
+    skipped sample's old row never hides the prediction a rerun made for it on another rank."""
     done = {}
     for path in sorted(Path(folder).glob("predictions*.jsonl")):
         for line in path.read_text().splitlines():
@@ -136,7 +137,8 @@ def read_predictions(folder):
                 p = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done[p["id"]] = p
+            if not (p.get("bad") and p["id"] in done):
+                done[p["id"]] = p
     return done
 
 
@@ -408,9 +410,7 @@ def build_parser():
     p.add_argument("--mode", choices=MODES, default="mqa")
     p.add_argument("--ckpt", default="runs/toy", help="what to evaluate: a train.py run, an alias (model.py), a "
                    "native or LLaVA-NeXT folder, or a hub id; a base without heads is evaluated zero-shot")
-    p.add_argument("--random-init", action="store_true", help="--ckpt's architecture with random weights")
-    p.add_argument("--tokenizer", default=None, help="--random-init of an alias: a tokenizer folder, or 'tiny'")
-    p.add_argument("--cache", default=None, help="folder for checkpoints converted from the LLaVA-NeXT format")
+    model_lib.add_load_flags(p)
     p.add_argument("--annotations", default="toy", help="annotation root: EPIC CSVs, actions.csv, tail lists")
     p.add_argument("--split", default="validation", help="two_stage, multi_round: the split to evaluate")
     p.add_argument("--video-root", default=None, help="default {annotations}/videos")
@@ -475,6 +475,9 @@ def main(argv):
         model_lib.resolve(args.ckpt, args.cache)  # rank 0 first: it may download the checkpoint or convert it
     barrier()
     model = model_lib.load_for_eval(args.ckpt, device, args.random_init, args.tokenizer, args.cache)
+    path = Path(model_lib.resolve(args.ckpt, args.cache)) if not args.random_init and args.ckpt != "tiny" else None
+    args.weights = model_lib.weights_fingerprint(path) if path and path.is_dir() else None  # a re-export is new
+    tails, ratings = read_tail_classes(root), read_ratings(args.ratings) if args.ratings else None
     args.prompt_style = args.prompt_style or model.cfg.prompt_style
     args.time_prompt = model.cfg.time_instruction if args.time_prompt is None else args.time_prompt
     ask(rows, args)
@@ -484,11 +487,11 @@ def main(argv):
         saved = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
         changed = [k for k in RESUME_KEYS if saved and saved.get(k) != vars(args)[k]]
         if changed and list(out.glob("frames*/predictions*.jsonl")):
-            was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {vars(args)[k]})" for k in changed)
+            was = ", ".join("the checkpoint's weights as they were then (re-exported since)" if k == "weights" else
+                            f"--{k.replace('_', '-')} {saved.get(k)} (now {vars(args)[k]})" for k in changed)
             parser.error(f"{out} holds predictions made with {was}; pass another --out or delete {out}")
         data.write_json_atomic(out / "args.json", vars(args))
     barrier()
-    tails, ratings = read_tail_classes(root), read_ratings(args.ratings) if args.ratings else None
     for frames in args.frames:
         preds = evaluate_setting(model, rows, out / f"frames{frames}", frames, ann.vocab, args, rank, world)
         if rank == 0:

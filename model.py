@@ -163,10 +163,11 @@ def base_tokenizer(base, tokenizer=None):
     """The tokenizer of --random-init `base`: --tokenizer DIR, 'tiny', or the alias's own when it is cached here."""
     source = BASES[base].source
     if base == "tiny" or tokenizer == "tiny":
+        tok = build_tokenizer_tiny()
         if base != "tiny":
-            print(f"WARNING: --random-init {base} with the tiny test tokenizer (1,024 entries inside a table of "
+            print(f"WARNING: --random-init {base} with the tiny test tokenizer ({len(tok)} entries inside a table of "
                   f"{BASES[base].text['vocab_size']:,} rows): real shapes, toy token ids", file=sys.stderr)
-        return build_tokenizer_tiny()
+        return tok
     try:
         tok = transformers.AutoTokenizer.from_pretrained(tokenizer or source, local_files_only=not tokenizer)
     except OSError:
@@ -185,7 +186,7 @@ NEXT_SUPPORTED = {  # config field: (value when absent, values this converter re
     "mm_spatial_pool_stride": (2, {2}),
     "mm_resampler_type": (None, {None, ""}),
     "add_faster_video": (False, {False, None}),
-    "mm_newline_position": ("grid", {"grid", "one_token"}),
+    "mm_newline_position": ("one_token", {"grid", "one_token"}),
     "vision_supervision": (None, {None, "one_token", "three_tokens"}),
     "vision_token_training": (None, {None, "last_layer", "first_layer", "all_layers"}),
 }
@@ -224,6 +225,13 @@ def next_config(src, cfg, tokenizer):
         if cfg.get(name, default) not in accepted:
             raise ValueError(f"{src}/config.json: {name} = {cfg.get(name)!r} is not supported (only "
                              f"{sorted(map(str, accepted))} convert exactly); this checkpoint cannot be loaded here")
+    merge, newline = cfg.get("mm_patch_merge_type", "flat"), cfg.get("mm_newline_position", "one_token")
+    if not merge.startswith("spatial") or (newline == "one_token" and "unpad" not in merge):
+        raise ValueError(f"{src}/config.json: mm_patch_merge_type = {merge!r} with mm_newline_position = {newline!r} "
+                         "is not supported: only spatial* with grid, or spatial*unpad with one_token, convert exactly")
+    if cfg.get("vision_supervision") and not cfg.get("action_types"):
+        raise ValueError(f"{src}/config.json: vision_supervision = {cfg['vision_supervision']!r} but no action_types "
+                         "(the head sizes, e.g. \"97,300,3806\"); add it")
     tower = str(cfg.get("mm_vision_tower"))
     if "siglip" not in tower.lower():
         raise ValueError(f"{src}/config.json: mm_vision_tower = {tower!r} is not supported: only SigLIP towers")
@@ -249,11 +257,17 @@ def next_config(src, cfg, tokenizer):
         vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=text.tie_word_embeddings)
     tokens = {None: 0, "one_token": 1, "three_tokens": 3}[cfg.get("vision_supervision")]
     sizes = [int(x) for x in cfg["action_types"].split(",")] if tokens else [97, 300, 3806]
-    grid = cfg.get("mm_newline_position", "grid") == "grid"  # LLaVA-Video's layout, trained with the time prompt
+    grid = newline == "grid"  # LLaVA-Video's layout, trained with the time prompt
     action = ActionConfig(tokens, *sizes, supervise_layer=SUPERVISED_LAYER[cfg.get("vision_token_training")],
                           video_layout="grid" if grid else "hf",
                           time_instruction=bool(cfg.get("add_time_instruction", grid)))
     return config, action
+
+
+def weights_fingerprint(folder):
+    """[name, bytes, mtime] of a checkpoint's weight files: it changes when they are re-exported or replaced."""
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(folder).iterdir())
+            if p.suffix in (".safetensors", ".pt") and p.is_file()]
 
 
 def convert(src, out):
@@ -304,6 +318,7 @@ def convert(src, out):
         if heads:
             torch.save(heads, tmp / "heads.pt")
         data.write_json_atomic(tmp / "action.json", asdict(action))
+        data.write_json_atomic(tmp / "source.json", {"source": str(src.resolve()), "weights": weights_fingerprint(src)})
         try:
             tmp.rename(out)
         except OSError:  # another process converted it meanwhile
@@ -317,7 +332,8 @@ def convert(src, out):
 def resolve(name, cache=None):
     """A native checkpoint for `name`: an alias's hub id, a local folder or a hub id; an official-format one is
     converted once into a folder beside it (`{folder}.native`) or, for a hub id, under the cache
-    ($LLAVACTION_CACHE, default ~/.cache/llavaction), or under `cache` when given. `tiny` is built in code."""
+    ($LLAVACTION_CACHE, default ~/.cache/llavaction), or under `cache` when given (named after the folder's whole
+    path); a conversion whose local source has new weights since is refused, never used. `tiny` is built in code."""
     if name == "tiny":
         return name
     source = BASES[name].source if name in BASES else str(name)
@@ -328,7 +344,11 @@ def resolve(name, cache=None):
                                     "train.py, or pass an alias: " + ", ".join(BASES) + ")")
         if not is_next_format(json.loads((local / "config.json").read_text())):
             return local
-        out = Path(cache) / local.name if cache else local.with_name(local.name + ".native")
+        out = Path(cache) / "--".join(local.resolve().parts[1:]) if cache else local.with_name(local.name + ".native")
+        made = json.loads((out / "source.json").read_text()) if (out / "source.json").exists() else None
+        if made and made != {"source": str(local.resolve()), "weights": weights_fingerprint(local)}:
+            raise ValueError(f"{out} was converted from {made['source']} as it was then, and its weights have changed "
+                             f"since: delete {out} to convert {local} again")
     else:
         if name not in BASES and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
             raise FileNotFoundError(f"checkpoint {source}: no such folder, and not an alias ({', '.join(BASES)})")
@@ -573,7 +593,15 @@ def load_for_eval(name, device, random_init=False, tokenizer=None, cache=None, a
     """The one loader of evaluate.py and attention.py: a checkpoint with heads keeps its action token(s) in the
     prompt, as it was trained; a base gets `action_tokens` (0: zero-shot). bf16 on GPU, fp32 on CPU."""
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    return load_model(name, random_init, dtype, None, tokenizer, cache, action_tokens=action_tokens).to(device).eval()
+    return load_model(name, random_init, dtype, device if random_init else None, tokenizer, cache,
+                      action_tokens=action_tokens).to(device).eval()
+
+
+def add_load_flags(parser):
+    """The flags with which train.py, evaluate.py and attention.py load a model, named alike in all three."""
+    parser.add_argument("--random-init", action="store_true", help="its architecture with random weights (no download)")
+    parser.add_argument("--tokenizer", default=None, help="--random-init of an alias: a tokenizer folder, or 'tiny'")
+    parser.add_argument("--cache", default=None, help="folder for checkpoints converted from the LLaVA-NeXT format")
 
 
 def describe(model: ActionLLaVA) -> str:

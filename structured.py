@@ -1,5 +1,5 @@
-"""Structured action prediction (paper 4.3): score lettered options, score many action texts against one cached
-prefix (multi-round appending), map choices back to action ids.
+"""Structured action prediction (paper 4.3): score lettered options, score option texts and many action texts
+against one cached prefix (multi-round appending), generate and parse an answer.
 
 Batches come from data.collate: prompts right-padded, each ending with "<|im_start|>assistant\n", so the
 next-token distribution at a row's last real position (length - 1) is the distribution of its answer's first
@@ -43,18 +43,6 @@ def score_options(model, batch, n_options) -> torch.Tensor:
     the full vocabulary, renormalised over K, equal the log-softmax of the K letter logits.)"""
     ids = letter_token_ids(model.tokenizer, n_options).to(model.llava.device)
     return prefill(model, batch)[:, ids].log_softmax(-1)
-
-
-def map_choice_to_action(choice, option_actions, pairs=None):
-    """Option index -> action id (-1 where choice is -1, a failed parse). Only ids from option_actions can come
-    out: two-stage never predicts outside the recognizer's top-K. With pairs (ActionVocab.pairs, (A, 2)), also
-    returns the verb and noun ids: (action, verb, noun)."""
-    choice, option_actions = torch.as_tensor(choice), torch.as_tensor(option_actions)
-    action = option_actions.gather(-1, choice.clamp(min=0)[..., None])[..., 0].where(choice >= 0, -1)
-    if pairs is None:
-        return action
-    vn = torch.as_tensor(pairs)[action.clamp(min=0)].where(action[..., None] >= 0, -1)
-    return action, vn[..., 0], vn[..., 1]
 
 
 def candidate_token_ids(tokenizer, texts) -> list[list[int]]:

@@ -40,9 +40,12 @@ from tqdm import tqdm
 import data
 import mine
 import structured
-from model import ActionLLaVA, describe, load_model, resolve
+from model import ActionLLaVA, add_load_flags, describe, load_model, resolve
 
-TOY_VIDEOS = (12, 2)  # train / validation videos of the quickstart's toy kitchen
+RESOLVED = dict(prompt_style="prompt_style", time_prompt="time_instruction", video_layout="video_layout",
+                supervise_layer="supervise_layer", head_bias="head_bias", head_norm="head_norm",
+                head_weight="head_weight", verb_weight="verb_weight", noun_weight="noun_weight",
+                action_weight="action_weight", action_tokens="action_tokens")  # flag -> ActionConfig field
 TOY_EXPECTATION = ("\nOn the toy, expect the option texts well above chance and the letters near it: a random-init LM "
                    "learns the actions in minutes (heads, texts, multi-round) but not yet to copy the letter of the "
                    "matching option, which a pretrained base does from the start.")
@@ -82,20 +85,20 @@ def build_parser():
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--base", default="llava-video-7b", help="alias (model.py), a local folder (native or LLaVA-NeXT), "
                    "or a hub id")
-    p.add_argument("--random-init", action="store_true", help="the base's architecture with random weights")
-    p.add_argument("--tokenizer", default=None, help="--random-init of an alias: a tokenizer folder, or 'tiny'")
-    p.add_argument("--cache", default=None, help="folder for checkpoints converted from the LLaVA-NeXT format")
+    add_load_flags(p)
     p.add_argument("--video-layout", choices=["grid", "hf"], default=None, help="default: the base's own")
     p.add_argument("--action-tokens", type=int, choices=[0, 1, 3], default=1)
-    p.add_argument("--supervise-layer", choices=["last", "first", "all"], default="last")
+    # the head options below default to the base's own (a converted release keeps its supervised layer), else
+    # to the release's: last layer, no bias, 0.1 x (0.5 verb + 0.5 noun + 0.1 action) / (L + 1)
+    p.add_argument("--supervise-layer", choices=["last", "first", "all"], default=None)
     p.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=None,
                    help="biases in the verb/noun/action heads (the release has none)")
-    p.add_argument("--head-norm", choices=["layers+1", "layers"], default="layers+1", help="divide the summed "
+    p.add_argument("--head-norm", choices=["layers+1", "layers"], default=None, help="divide the summed "
                    "per-layer head losses by L + 1 (the release) or by L (twice the weight at one layer)")
-    p.add_argument("--head-weight", type=float, default=0.1, help="head loss weight against the LM loss")
-    p.add_argument("--verb-weight", type=float, default=0.5)
-    p.add_argument("--noun-weight", type=float, default=0.5)
-    p.add_argument("--action-weight", type=float, default=0.1)
+    p.add_argument("--head-weight", type=float, default=None, help="head loss weight against the LM loss (0.1)")
+    p.add_argument("--verb-weight", type=float, default=None, help="(0.5)")
+    p.add_argument("--noun-weight", type=float, default=None, help="(0.5)")
+    p.add_argument("--action-weight", type=float, default=None, help="(0.1)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations in the backward")
     p.add_argument("--batch-size", type=int, default=64, help="global: samples per optimizer step, all ranks")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-steps per optimizer step")
@@ -392,7 +395,7 @@ def prepare(args, rank, world, say):
                          f"{world * args.grad_accum}")
     if args.data and rank == 0:
         if not (Path(args.annotations) / data.SPLIT_FILES["train"]).exists():
-            data.make_toy(args.annotations, videos_per_split=TOY_VIDEOS)
+            data.make_toy(args.annotations)
         mine.mine_toy(args.annotations, args.seed)
     if rank == 0 and not args.random_init:
         resolve(args.base, args.cache)  # rank 0 first: it may download the checkpoint or convert it
@@ -401,13 +404,9 @@ def prepare(args, rank, world, say):
     torch.manual_seed(args.seed)  # the heads start alike on every rank: FSDP shards each rank's own initialisation
     raw = load_model(args.base, args.random_init, tokenizer=args.tokenizer, cache=args.cache,
                      n_verbs=len(ann.vocab.verbs), n_nouns=len(ann.vocab.nouns), n_actions=len(ann.vocab),
-                     action_tokens=args.action_tokens,
-                     head_bias=args.head_bias, supervise_layer=args.supervise_layer, head_weight=args.head_weight,
-                     verb_weight=args.verb_weight, noun_weight=args.noun_weight, action_weight=args.action_weight,
-                     head_norm=args.head_norm, video_layout=args.video_layout, prompt_style=args.prompt_style,
-                     time_instruction=args.time_prompt)
-    args.prompt_style, args.time_prompt, args.video_layout = (raw.cfg.prompt_style, raw.cfg.time_instruction,
-                                                              raw.cfg.video_layout)
+                     **{field: getattr(args, flag) for flag, field in RESOLVED.items()})
+    for flag, field in RESOLVED.items():  # the run's args.json says what it trained with
+        setattr(args, flag, getattr(raw.cfg, field))
     rows = training_rows(args, ann)
     eval_rows = [dict(r, question=data.mqa_question(r["options"], args.prompt_style, args.perspective))
                  for r in data.read_jsonl(args.benchmark)] if args.benchmark else None

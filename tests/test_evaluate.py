@@ -342,6 +342,8 @@ def test_bad_inputs_write_nothing_and_the_corrected_run_runs(kitchen, tmp_path):
         run_cli(kitchen, out, "--mode", "two_stage", "--topk", 999)
     with pytest.raises(SystemExit):
         run_cli(kitchen, out, "--limit", 0)
+    with pytest.raises(FileNotFoundError, match="no_ratings.csv"):
+        run_cli(kitchen, out, "--ratings", tmp_path / "no_ratings.csv")
     assert not out.exists() and not (tmp_path / "missing_ckpt").exists()  # nothing written, nothing to block
     m = run_cli(kitchen, out, "--mode", "two_stage", "--topk", 5)[str(FRAMES)]  # the corrected command
     assert m["n"] == 30 and m["options"] == 5
@@ -394,7 +396,7 @@ evaluate.main(["--ckpt", "tiny", "--annotations", {str(kitchen)!r}, "--out", {st
     assert len(predictions(out)) == 30 and json.loads((out / "metrics.json").read_text())[str(FRAMES)]["n"] == 30
 
 
-def test_trained_checkpoint_keeps_its_action_token(kitchen, tmp_path):
+def test_trained_checkpoint_keeps_its_action_token(kitchen, tmp_path, capsys):
     """A checkpoint with heads is evaluated with its action token in the prompt, as it was trained."""
     vocab = data.load_annotations(kitchen).vocab
     trained = model_lib.load_model("tiny", action_tokens=1, n_verbs=len(vocab.verbs), n_nouns=len(vocab.nouns),
@@ -409,6 +411,22 @@ def test_trained_checkpoint_keeps_its_action_token(kitchen, tmp_path):
     for row, pred in zip(rows, predictions(tmp_path / "out")):
         lp, n = prompt_logprobs(loaded, kitchen / "videos", row, data.mqa_question(row["options"]))
         np.testing.assert_allclose(pred["option_scores"], lp[n - 1, letters].log_softmax(-1).numpy(), atol=1e-4)
+    trained.save(tmp_path / "ckpt")  # re-exported (a resumed training): the old predictions are not its own
+    with pytest.raises(SystemExit) as e:
+        run_cli(kitchen, tmp_path / "out", "--limit", 4, ckpt=tmp_path / "ckpt")
+    assert e.value.code == 2 and len(predictions(tmp_path / "out")) == 4
+    assert "holds predictions made with the checkpoint's weights as they were then" in capsys.readouterr().err
+
+
+def test_a_stale_skipped_row_never_hides_a_prediction(tmp_path):
+    """A multi-rank run killed before merging left a skipped row in one shard; the rerun predicted the sample on
+    another rank: whatever the file order, the prediction counts."""
+    good, bad = {"id": "a", "choice": 1}, {"id": "a", "bad": "RuntimeError: cannot read"}
+    for first, second in (("rank0", "rank1"), ("rank1", "rank0"), ("rank10", "rank2")):
+        folder = tmp_path / first
+        data.write_jsonl_atomic(folder / f"predictions.{first}.jsonl", [good])
+        data.write_jsonl_atomic(folder / f"predictions.{second}.jsonl", [bad])
+        assert evaluate.read_predictions(folder) == {"a": good}
 
 
 def test_a_smaller_limit_keeps_earlier_predictions(kitchen, tmp_path):

@@ -398,6 +398,41 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize("merge, newline", [("flat", "grid"), ("spatial", "one_token"), ("unpad", "grid")])
+def test_layouts_the_authors_code_would_build_otherwise_are_refused(tmp_path, merge, newline):
+    make_next_checkpoint(tmp_path / "next", mm_patch_merge_type=merge, mm_newline_position=newline)
+    with pytest.raises(ValueError, match=f"mm_patch_merge_type = {merge!r} with mm_newline_position = {newline!r}"):
+        M.convert(tmp_path / "next", tmp_path / "out")
+
+
+def test_absent_fields_read_as_llava_next_reads_them(tmp_path):
+    """No mm_newline_position: LLaVA-NeXT's default one_token, one newline per video (the hf layout); heads
+    without action_types: an error naming the field."""
+    make_next_checkpoint(tmp_path / "next", mm_newline_position=None, add_time_instruction=None)
+    cfg = json.loads((tmp_path / "next" / "config.json").read_text())
+    (tmp_path / "next" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    M.convert(tmp_path / "next", tmp_path / "out")
+    action = json.loads((tmp_path / "out" / "action.json").read_text())
+    assert action["video_layout"] == "hf" and not action["time_instruction"]
+    make_next_checkpoint(tmp_path / "heads", action_types="")
+    with pytest.raises(ValueError, match="vision_supervision = 'one_token' but no action_types"):
+        M.convert(tmp_path / "heads", tmp_path / "out2")
+
+
+def test_a_conversion_is_never_reused_for_other_weights(tmp_path):
+    """Two folders of one name under one --cache convert apart; new weights in a source refuse its old conversion."""
+    for name in ("a", "b"):
+        make_next_checkpoint(tmp_path / name / "checkpoint-1000", seed=ord(name))
+    a, b = (M.resolve(tmp_path / name / "checkpoint-1000", cache=tmp_path / "cache") for name in ("a", "b"))
+    assert a != b and (a / "action.json").exists() and (b / "action.json").exists()
+    assert M.resolve(tmp_path / "a" / "checkpoint-1000", cache=tmp_path / "cache") == a  # converted once
+    from safetensors.torch import load_file, save_file
+    weights = tmp_path / "a" / "checkpoint-1000" / "model.safetensors"
+    save_file({k: v + 1 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})  # retrained
+    with pytest.raises(ValueError, match="its weights have changed since: delete"):
+        M.resolve(tmp_path / "a" / "checkpoint-1000", cache=tmp_path / "cache")
+
 def test_convert_cli(tmp_path):
     make_next_checkpoint(tmp_path / "next", action_tokens=3)
     res = subprocess.run([sys.executable, str(ROOT / "model.py"), "convert", str(tmp_path / "next"), str(tmp_path / "out")],

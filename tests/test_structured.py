@@ -114,23 +114,6 @@ def test_multi_round_equals_one_full_forward_per_candidate(attn, layout):
     torch.testing.assert_close(end_only, mean[:, -1:], atol=1e-5, rtol=0)
 
 
-def test_two_stage_predicts_only_inside_the_top_k(model):
-    g = torch.Generator().manual_seed(1)
-    recognizer = torch.randn(4, 12, generator=g)
-    pairs = torch.randint(0, 5, (12, 2), generator=g)
-    truth = recognizer.argmin(1)  # the truth is not among the top-K and is not added
-    option_actions = recognizer.topk(5, dim=1).indices
-    labels = [f"action {a}" for a in range(12)]
-    batch = make_batch(model, [data.mqa_question([labels[a] for a in row]) for row in option_actions.tolist()])
-    action, verb, noun = S.map_choice_to_action(S.score_options(model, batch, 5).argmax(-1), option_actions, pairs)
-    assert all(a in row for a, row in zip(action.tolist(), option_actions.tolist()))
-    assert (action != truth).all()
-    assert torch.equal(torch.stack([verb, noun], 1), pairs[action])
-    action, verb, noun = S.map_choice_to_action(torch.tensor([-1, 4]), option_actions[:2], pairs)
-    assert action.tolist() == [-1, option_actions[1, 4]] and verb[0] == noun[0] == -1
-    assert S.map_choice_to_action([0, 1], [[7, 8], [9, 10]]).tolist() == [7, 10]
-
-
 def test_option_texts_equal_a_full_forward_per_option(model):
     """--score text: each row's options scored as whole answers (their tokens plus <|im_end|>), mean
     log-likelihood, against one full forward of the prompt plus each option; rows with different options."""

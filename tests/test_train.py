@@ -188,3 +188,15 @@ def test_bad_inputs_leave_no_run_folder(toy, tmp_path):
     p = run(*SMALL, "--annotations", empty, "--out", tmp_path / "run", check=False)
     assert p.returncode != 0 and "EPIC_100_train.csv has a header but no rows" in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_converted_base_keeps_its_head_options(toy, tmp_path):
+    """No head flag given: the run trains with what the base was trained with (here its supervised layers), and
+    args.json and the exported action.json say so."""
+    from conftest import make_next_checkpoint
+    make_next_checkpoint(tmp_path / "next", action_tokens=0, vision_token_training="all_layers")
+    run(*SMALL, "--annotations", toy, "--base", tmp_path / "next", "--max-steps", 1, "--out", tmp_path / "run")
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    action = json.loads((tmp_path / "run" / "action.json").read_text())
+    assert args["supervise_layer"] == action["supervise_layer"] == "all" and args["head_norm"] == "layers+1"
+    assert args["video_layout"] == action["video_layout"] == "grid" and action["action_tokens"] == 1

@@ -66,7 +66,7 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
-    root = Path(args.annotations or data.make_toy(Path(tempfile.mkdtemp()) / "toy"))
+    root = Path(args.annotations or data.make_toy(Path(tempfile.mkdtemp()) / "toy", videos_per_split=(4, 2)))
     args.video_root = args.video_root or str(root / "videos")
     device = torch.device(args.device)
     ann = data.load_annotations(root)
