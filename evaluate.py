@@ -474,9 +474,9 @@ def main(argv):
     if rank == 0 and not args.random_init:
         model_lib.resolve(args.ckpt, args.cache)  # rank 0 first: it may download the checkpoint or convert it
     barrier()
-    model = model_lib.load_for_eval(args.ckpt, device, args.random_init, args.tokenizer, args.cache)
-    path = Path(model_lib.resolve(args.ckpt, args.cache)) if not args.random_init and args.ckpt != "tiny" else None
-    args.weights = model_lib.weights_fingerprint(path) if path and path.is_dir() else None  # a re-export is new
+    ckpt = args.ckpt if args.random_init else model_lib.resolve(args.ckpt, args.cache)  # a Path: a folder here
+    model = model_lib.load_for_eval(ckpt, device, args.random_init, args.tokenizer, args.cache)
+    args.weights = model_lib.weights_fingerprint(ckpt) if isinstance(ckpt, Path) else None  # a re-export is new
     tails, ratings = read_tail_classes(root), read_ratings(args.ratings) if args.ratings else None
     args.prompt_style = args.prompt_style or model.cfg.prompt_style
     args.time_prompt = model.cfg.time_instruction if args.time_prompt is None else args.time_prompt

@@ -333,7 +333,8 @@ def resolve(name, cache=None):
     """A native checkpoint for `name`: an alias's hub id, a local folder or a hub id; an official-format one is
     converted once into a folder beside it (`{folder}.native`) or, for a hub id, under the cache
     ($LLAVACTION_CACHE, default ~/.cache/llavaction), or under `cache` when given (named after the folder's whole
-    path); a conversion whose local source has new weights since is refused, never used. `tiny` is built in code."""
+    path); a conversion whose local source has new weights since is refused, never used. A Path for a folder
+    here; the name itself for `tiny` (built in code) and a native hub id."""
     if name == "tiny":
         return name
     source = BASES[name].source if name in BASES else str(name)
