@@ -1,6 +1,6 @@
 """Attention statistics of LLaVAction section 4.5 and attention maps over the frames (figure 4).
 
-    python attention.py --ckpt runs/toy --benchmark toy/ek100_mqa_tim_k5.jsonl --limit 200
+    python attention.py --ckpt runs/toy --annotations toy --limit 200
     python attention.py --ckpt runs/toy --clip P13_01_2 --maps          # heatmaps over the frames, PNG
     python attention.py --ckpt runs/toy --compare tiny                   # side by side with an untrained model
 
@@ -20,7 +20,6 @@ the mean of their three maxima); and the share of the N x V visual values below 
 The rows are recomputed by hooks on the attention modules: B x heads x T x L scores at a time, never L x L.
 """
 import argparse
-import json
 import math
 import sys
 from functools import partial
@@ -162,12 +161,7 @@ def draw_maps(frames, maps, title, path):
 
 
 # -----------------------------------------------------------------------------
-
-
-def load(ckpt, args):
-    m = model_lib.load_for_eval(ckpt, torch.device(args.device), args.random_init, args.tokenizer, args.cache,
-                                args.action_tokens)
-    return m.to(torch.bfloat16) if args.dtype == "bfloat16" else m
+# one model's statistics and maps, printed beside another's
 
 
 def run(m, ckpt, rows, args, suffix=""):
@@ -175,7 +169,7 @@ def run(m, ckpt, rows, args, suffix=""):
     {out}/maps."""
     rows = [dict(r, question=data.mqa_question(r["options"], m.cfg.prompt_style)) for r in rows]
     stats, answer, chosen = analyse(m, rows, args, desc=str(ckpt))
-    for row, row_answer, choice in zip(rows, answer, chosen) if args.maps else ():
+    for row, row_answer, choice in tqdm(zip(rows, answer, chosen), total=len(rows), desc="maps") if args.maps else ():
         frames, _ = data.load_clip(args.video_root, row["video_id"], row["start"], row["end"], args.frames)
         maps = frame_maps(row_answer, args.frames, m.spec, frames.shape[1:3])
         truth = row.get("answer_index", -1)
@@ -200,8 +194,10 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="runs/toy", help="a train.py run, an alias (model.py), a folder or hub id")
     parser.add_argument("--compare", help="a second checkpoint or alias, statistics printed side by side")
-    parser.add_argument("--benchmark", default="toy/ek100_mqa_tim_k5.jsonl", help="MQA JSONL (mine.py)")
-    parser.add_argument("--video-root", default="toy/videos")
+    parser.add_argument("--annotations", default="toy", help="annotation root of the benchmark and its videos")
+    parser.add_argument("--benchmark", default=None,
+                        help=f"MQA JSONL (mine.py); default {{annotations}}/{data.BENCHMARK}")
+    parser.add_argument("--video-root", default=None, help="default {annotations}/videos")
     parser.add_argument("--limit", type=int, default=200, help="the first N rows of the benchmark")
     parser.add_argument("--clip", action="append", help="only this sample id (repeatable); --limit then ignored")
     parser.add_argument("--frames", type=int, default=8)
@@ -213,10 +209,12 @@ def main(argv):
     parser.add_argument("--action-tokens", type=int, choices=[0, 1, 3], default=1,
                         help="for a base without heads (a checkpoint with heads has its own)")
     model_lib.add_load_flags(parser)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="bf16 on a GPU, fp32 on the CPU (as evaluate.py)")
     parser.add_argument("--out", help="default: {ckpt}/attention, {ckpt}/attention/clips with --clip")
     args = parser.parse_args(argv)
+    args.benchmark = args.benchmark or str(Path(args.annotations) / data.BENCHMARK)
+    args.video_root = args.video_root or str(Path(args.annotations) / "videos")
     if args.limit < 1:
         parser.error(f"--limit {args.limit}: no rows to analyse")
     rows = data.read_jsonl(args.benchmark)
@@ -225,9 +223,10 @@ def main(argv):
         parser.error(f"--clip: {sorted(set(args.clip) - {r['id'] for r in rows})} not in {args.benchmark}")
     if not rows:
         parser.error(f"no rows selected from {args.benchmark}: it is empty")
-    owner = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path("runs") / Path(args.ckpt).name
-    args.out = args.out or str(owner / "attention" / ("clips" if args.clip else ""))
-    models = [(ckpt, load(ckpt, args)) for ckpt in [args.ckpt] + ([args.compare] if args.compare else [])]
+    args.out = args.out or str(model_lib.results_folder(args.ckpt) / "attention" / ("clips" if args.clip else ""))
+    models = [(ckpt, model_lib.load_for_eval(ckpt, torch.device(args.device), args.random_init, args.tokenizer,
+                                             args.cache, args.action_tokens))
+              for ckpt in [args.ckpt] + ([args.compare] if args.compare else [])]
     data.lock_folder(args.out)  # inputs all loaded: from here on this run owns {out}
     data.write_json_atomic(Path(args.out) / "args.json", vars(args))
     results = [run(m, ckpt, rows, args, "_compare" if k else "") for k, (ckpt, m) in enumerate(models)]

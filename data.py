@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # tokens and prompts, verbatim (spaces included) from the authors' code for the official style
@@ -53,9 +54,11 @@ PRIOR_MAX_GAP = 3.0  # official: a segment has prior actions only where each gap
 
 SPLIT_FILES = {"train": "EPIC_100_train.csv", "validation": "EPIC_100_validation.csv"}
 VERB_FILE, NOUN_FILE, ACTIONS_FILE = "EPIC_100_verb_classes.csv", "EPIC_100_noun_classes.csv", "actions.csv"
+TAIL_FILES = ("EPIC_100_tail_verbs.csv", "EPIC_100_tail_nouns.csv")  # optional: EPIC's tail verb and noun ids
+BENCHMARK = "ek100_mqa_tim_k5.jsonl"  # EK100-MQA (mine.py --model tim --k 5), where evaluate.py looks by default
 SEGMENT_COLUMNS = ("video_id", "start_timestamp", "stop_timestamp", "narration", "verb_class", "noun_class")
 VIDEO_SUFFIXES = (".MP4", ".mp4")
-CHUNK_SECONDS = 15.0  # AVION's chunked layout: {root}/{video_id}.MP4/{chunk_start}.MP4
+PAST_END = "starts after the video ends"  # load_clip's reason for a clip outside its video
 
 # -----------------------------------------------------------------------------
 # annotations and action ids
@@ -79,10 +82,11 @@ class ActionVocab:
     verbs: list[str]
     nouns: list[str]
     pairs: np.ndarray  # (A, 2) verb_class, noun_class of each action id
-    labels: list[str]
-    index: dict = field(default_factory=dict)
+    labels: list[str] = field(init=False)  # label_text of each action id
+    index: dict = field(init=False)        # (verb_class, noun_class) -> action id
 
     def __post_init__(self):
+        self.labels = [label_text(self.verbs[v], self.nouns[n]) for v, n in self.pairs]
         self.index = {(int(v), int(n)): i for i, (v, n) in enumerate(self.pairs)}
 
     def __len__(self):
@@ -162,7 +166,7 @@ def build_action_vocab(pairs, verbs, nouns):
     """Action ids as TIM, AVION and RULSTM number them: distinct 'verb:noun' strings sorted as strings."""
     keys = sorted({f"{v}:{n}" for v, n in pairs})
     arr = np.array([[int(x) for x in k.split(":")] for k in keys], dtype=np.int64).reshape(-1, 2)
-    return ActionVocab(verbs, nouns, arr, [label_text(verbs[v], nouns[n]) for v, n in arr])
+    return ActionVocab(verbs, nouns, arr)
 
 
 def read_actions_csv(path, verbs, nouns):
@@ -170,7 +174,7 @@ def read_actions_csv(path, verbs, nouns):
     if [int(r["id"]) for r in rows] != list(range(len(rows))):
         raise ValueError(f"{path}: ids must be 0..{len(rows) - 1} in order")
     pairs = np.array([[int(r["verb_class"]), int(r["noun_class"])] for r in rows], dtype=np.int64).reshape(-1, 2)
-    return ActionVocab(verbs, nouns, pairs, [label_text(verbs[v], nouns[n]) for v, n in pairs])
+    return ActionVocab(verbs, nouns, pairs)
 
 
 def load_annotations(root, splits=("train", "validation")):
@@ -295,7 +299,7 @@ def load_clip(video_root, video_id, start, end, n_frames, jitter=False, rng=None
         last = len(reader) - 1
         if f == len(files) - 1:
             if start >= offset + len(reader) / reader.get_avg_fps():
-                raise RuntimeError(f"clip {start:.2f}-{end:.2f} s of {video_id} starts after the video ends "
+                raise RuntimeError(f"clip {start:.2f}-{end:.2f} s of {video_id} {PAST_END} "
                                    f"({offset + len(reader) / reader.get_avg_fps():.2f} s in {path}); fix the "
                                    "row's times or pass --skip-bad")
             clamped += int((index > last).sum())
@@ -721,7 +725,7 @@ def make_toy(out, videos_per_split=(12, 2), segments_per_video=60, n_actions=30,
     video_number, captions, replay = 0, {}, []
     for split, n_videos in zip(("train", "validation"), videos_per_split):
         rows = []
-        for _ in range(n_videos):
+        for _ in tqdm(range(n_videos), desc=f"toy {split} videos", leave=False):
             video_number += 1
             video_id = f"P{video_number:02d}_01"
             t, spans = 0.5, []
@@ -754,8 +758,8 @@ def make_toy(out, videos_per_split=(12, 2), segments_per_video=60, n_actions=30,
     (out / ACTIONS_FILE).unlink(missing_ok=True)
     ann = load_annotations(out)
     train = ann.segments("train")
-    for name, head, classes, n_tail in (("EPIC_100_tail_verbs.csv", "verb", [s.verb_class for s in train], 2),
-                                        ("EPIC_100_tail_nouns.csv", "noun", [s.noun_class for s in train], 3)):
+    for name, head, classes, n_tail in ((TAIL_FILES[0], "verb", [s.verb_class for s in train], 2),
+                                        (TAIL_FILES[1], "noun", [s.noun_class for s in train], 3)):
         tail = np.argsort(np.bincount(classes, minlength=max(classes) + 1), kind="stable")[:n_tail]
         write_atomic(out / name, head + "\n" + "".join(f"{i}\n" for i in sorted(tail)))
     for name in TOY_RECOGNIZERS:

@@ -24,10 +24,8 @@ with the resolved flags in {out}/args.json. One run at a time owns {out} (an OS 
 import argparse
 import csv
 import json
-import os
 import sys
 from collections import Counter, defaultdict
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -47,39 +45,19 @@ RESUME_KEYS = ("mode", "ckpt", "weights", "random_init", "annotations", "split",
                "topk", "text", "seed", "sap", "score", "reduce", "prompt_style", "perspective", "time_prompt")
 MQA_FIELDS = ("id", "video_id", "start", "end", "options", "answer_index", "option_actions", "verb_class",
               "noun_class", "action_class")
-PAST_END = "starts after the video ends"  # load_clip's reason for a clip outside its video
 PLOTS = {"per_verb": "accuracy per verb", "per_noun": "accuracy per noun",
          "by_difficulty": "accuracy by difficulty level"}  # metrics.json keys (figure 8, table 8)
 PLOT_WIDTH, PLOT_ROW, PLOT_HEADER = 800, 16, 28  # metric plots: height = PLOT_HEADER + PLOT_ROW * bars + 8
 
 # -----------------------------------------------------------------------------
-# distributed setup (a plain `python evaluate.py` is rank 0 of 1)
-
-
-def init_distributed():
-    """(rank, world, device). Long timeout: with SAP the ranks' shares of videos can finish far apart."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=6))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return rank, world, device
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-# -----------------------------------------------------------------------------
 # samples to evaluate, one dict per segment
 
 
-def benchmark_rows(path):
+def benchmark_rows(path, root):
     """EK100-MQA rows as mine.py writes them; the option actions map a letter back to verb and noun."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"benchmark {path} does not exist; mine it first, e.g. python mine.py --model tim "
-                                f"--annotations toy --split validation --k 5 --out {path}")
+        raise FileNotFoundError(f"benchmark {path} does not exist; mine it first: python mine.py --model tim "
+                                f"--annotations {root} --split validation --k {mine.K} --out {path}")
     rows = data.read_jsonl(path)
     for r in rows:
         missing = [k for k in MQA_FIELDS if k not in r]
@@ -95,13 +73,13 @@ def two_stage_rows(ann, args):
     candidate file, shuffled with --seed before lettering (in rank order the truth is option A on about half the
     rows, so a model answering A would score like the recognizer's top-1); option_ranks keeps each one's rank."""
     if args.candidates:
-        rows = benchmark_rows(args.candidates)
+        rows = benchmark_rows(args.candidates, ann.root)
         ids = {s.id for s in ann.segments(args.split)}
         if any(r["id"] not in ids for r in rows):
             raise ValueError(f"{args.candidates} holds rows that are not {args.split} segments of {ann.root}")
     else:
         scores = mine.read_scores(args.scores, ann, args.split)
-        rows = mine.mine(ann, args.split, scores, topk=args.topk, text=args.text)
+        rows = mine.mine(ann, args.split, scores, topk=args.topk, text=args.text, seed=args.seed)
     rng = np.random.default_rng(args.seed)
     for r in rows:
         order = rng.permutation(len(r["options"])).tolist()
@@ -268,7 +246,7 @@ def prediction_row(row, item, frames, scores, generated, vocab, mode, priors):
 
 def read_tail_classes(root):
     """EPIC-100's tail verb and noun ids (a header line, then one id a line); None when the files are absent."""
-    paths = [Path(root) / "EPIC_100_tail_verbs.csv", Path(root) / "EPIC_100_tail_nouns.csv"]
+    paths = [Path(root) / name for name in data.TAIL_FILES]
     if not all(p.exists() for p in paths):
         return None
     return [{int(line.split(",")[0]) for line in p.read_text().splitlines()[1:] if line.strip()} for p in paths]
@@ -303,7 +281,8 @@ def compute_metrics(preds, vocab, tails=None, ratings=None):
     head, tail otherwise); per-verb and per-noun accuracy (figure 8); by difficulty level (table 8); skipped
     samples by reason, clamped frames, unparsed answers (--score generate)."""
     good = [p for p in preds if not p.get("bad")]
-    reasons = Counter("past the video's end" if PAST_END in p["bad"] else "unreadable" for p in preds if p.get("bad"))
+    reasons = Counter("past the video's end" if data.PAST_END in p["bad"] else "unreadable"
+                      for p in preds if p.get("bad"))
     m = {"n": len(good), "skipped_bad": len(preds) - len(good), "skipped_by_reason": dict(reasons)}
     if not good:
         return m
@@ -375,7 +354,7 @@ def evaluate_setting(model, rows, folder, frames, vocab, args, rank=0, world=1):
     folder.mkdir(parents=True, exist_ok=True)
     found = read_predictions(folder)
     done = {i: p for i, p in found.items() if not p.get("bad")}
-    barrier()  # every rank has read the shards before any rank appends to its own
+    dist.barrier()  # every rank has read the shards before any rank appends to its own
     ids = {r["id"] for r in rows}
     if rank == 0 and found:
         retried = sum(1 for i, p in found.items() if p.get("bad") and i in ids)
@@ -387,9 +366,9 @@ def evaluate_setting(model, rows, folder, frames, vocab, args, rank=0, world=1):
                          disable=rank != 0, desc=f"{args.mode} frames={frames}"):
             f.write(json.dumps(pred) + "\n")
             f.flush()
-    barrier()
+    dist.barrier()
     preds = merge_predictions(folder, rows) if rank == 0 else None
-    barrier()  # nobody starts the next setting while rank 0 still merges this one
+    dist.barrier()  # nobody starts the next setting while rank 0 still merges this one
     return preds
 
 
@@ -414,7 +393,7 @@ def build_parser():
     p.add_argument("--annotations", default="toy", help="annotation root: EPIC CSVs, actions.csv, tail lists")
     p.add_argument("--split", default="validation", help="two_stage, multi_round: the split to evaluate")
     p.add_argument("--video-root", default=None, help="default {annotations}/videos")
-    p.add_argument("--benchmark", default=None, help="mqa: MQA JSONL; default {annotations}/ek100_mqa_tim_k5.jsonl")
+    p.add_argument("--benchmark", default=None, help=f"mqa: MQA JSONL; default {{annotations}}/{data.BENCHMARK}")
     p.add_argument("--scores", default=None, help="two_stage: recognizer scores; default "
                                                   "{annotations}/scores/tim_{split}.npz")
     p.add_argument("--candidates", default=None, help="two_stage: mine.py --topk's candidate file instead of --scores")
@@ -460,20 +439,19 @@ def main(argv):
         parser.error(f"--limit {args.limit}: nothing to evaluate")
     root = Path(args.annotations)
     args.video_root = args.video_root or str(root / "videos")
-    args.benchmark = args.benchmark or str(root / "ek100_mqa_tim_k5.jsonl")
+    args.benchmark = args.benchmark or str(root / data.BENCHMARK)
     args.scores = args.scores or str(root / "scores" / f"tim_{args.split}.npz")
-    owner = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path("runs") / Path(args.ckpt).name
     scoring = "" if args.score == "letter" or args.mode == "multi_round" else f"_{args.score}"
-    args.out = args.out or str(owner / f"eval_{args.mode}{scoring}{'_sap' if args.sap else ''}")
-    rank, world, device = init_distributed()
+    args.out = args.out or str(model_lib.results_folder(args.ckpt) / f"eval_{args.mode}{scoring}{'_sap' * args.sap}")
+    rank, world, device = model_lib.init_distributed(timeout_minutes=360)  # SAP: ranks can finish far apart
     ann = data.load_annotations(root)  # inputs first: nothing is written until they are all good
-    rows = {"mqa": lambda: benchmark_rows(args.benchmark), "two_stage": lambda: two_stage_rows(ann, args),
+    rows = {"mqa": lambda: benchmark_rows(args.benchmark, root), "two_stage": lambda: two_stage_rows(ann, args),
             "multi_round": lambda: multi_round_rows(ann, args)}[args.mode]()[:args.limit]
     if not rows:
         parser.error(f"no samples to evaluate in {args.benchmark if args.mode == 'mqa' else root}")
     if rank == 0 and not args.random_init:
         model_lib.resolve(args.ckpt, args.cache)  # rank 0 first: it may download the checkpoint or convert it
-    barrier()
+    dist.barrier()
     ckpt = args.ckpt if args.random_init else model_lib.resolve(args.ckpt, args.cache)  # a Path: a folder here
     model = model_lib.load_for_eval(ckpt, device, args.random_init, args.tokenizer, args.cache)
     args.weights = model_lib.weights_fingerprint(ckpt) if isinstance(ckpt, Path) else None  # a re-export is new
@@ -491,7 +469,7 @@ def main(argv):
                             f"--{k.replace('_', '-')} {saved.get(k)} (now {vars(args)[k]})" for k in changed)
             parser.error(f"{out} holds predictions made with {was}; pass another --out or delete {out}")
         data.write_json_atomic(out / "args.json", vars(args))
-    barrier()
+    dist.barrier()
     for frames in args.frames:
         preds = evaluate_setting(model, rows, out / f"frames{frames}", frames, ann.vocab, args, rank, world)
         if rank == 0:
@@ -504,8 +482,7 @@ def main(argv):
             data.write_json_atomic(path, {**(json.loads(path.read_text()) if path.exists() else {}), str(frames): m})
     if rank == 0:
         print(f"predictions and metrics in {out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import data
 RANDOM = "random"                 # --model random: eq. 2, no score file
 TEXTS = ("narration", "label")    # option texts: a narration of the class, or its label
 JS_CHUNK = 1024                   # rows per chunk in compare, so (N, A) float64 temporaries stay small
-TOY_K, TOY_DRAWS = 5, 8           # the toy quickstart's options per question and training MQA draws
-TOY_TRAIN = f"train_mqa_avion_k{TOY_K}_pool{2 * (TOY_K - 1)}_x{TOY_DRAWS}.jsonl"  # its mined files
-TOY_BENCHMARK = f"ek100_mqa_tim_k{TOY_K}.jsonl"
+K = 5                             # EK100-MQA's options: the truth and 4 distractors
+TOY_DRAWS = 8                     # the toy's training MQA: drawn 8 times from AVION's top 2(K-1)
+TOY_TRAIN = f"train_mqa_avion_k{K}_pool{2 * (K - 1)}_x{TOY_DRAWS}.jsonl"
 
 # -----------------------------------------------------------------------------
 # score files: .npz / .pt / ranked JSON / .pkl -> (ids, scores), then aligned to a split's segments
@@ -242,19 +242,20 @@ def mine(ann, split, scores=None, k=5, pool=None, topk=None, text="narration", s
     texts = option_texts(ann, segs, options, truth, text, rng)
     return make_rows(segs, options, truth, texts, task)
 
-def mine_toy(root, seed=0):
-    """The toy kitchen's mined files, written when missing: training MQA from AVION drawn TOY_DRAWS times (K-1
-    distractors from its top 2(K-1), options shuffled anew: the tiny model must match options to the video, it
-    cannot memorise letters), and the validation benchmark from TIM (eq. 3): another recognizer's errors, as in
-    the paper."""
+
+def mine_toy(root):
+    """The toy kitchen's mined files, written when missing (always the same: --seed of train.py orders the
+    batches, not the data): training MQA from AVION drawn TOY_DRAWS times (K-1 distractors from its top 2(K-1),
+    options shuffled anew: the tiny model must match options to the video, it cannot memorise letters), and the
+    validation benchmark from TIM (eq. 3): another recognizer's errors, as in the paper."""
     root, ann = Path(root), data.load_annotations(root)
     if not (root / TOY_TRAIN).exists():
         scores = read_scores(root / "scores" / "avion_train.npz", ann, "train")
         data.write_jsonl_atomic(root / TOY_TRAIN, [row for draw in range(TOY_DRAWS) for row in mine(
-            ann, "train", scores, k=TOY_K, pool=2 * (TOY_K - 1), seed=seed + draw)])
-    if not (root / TOY_BENCHMARK).exists():
+            ann, "train", scores, k=K, pool=2 * (K - 1), seed=draw)])
+    if not (root / data.BENCHMARK).exists():
         scores = read_scores(root / "scores" / "tim_validation.npz", ann, "validation")
-        data.write_jsonl_atomic(root / TOY_BENCHMARK, mine(ann, "validation", scores, k=TOY_K, seed=seed))
+        data.write_jsonl_atomic(root / data.BENCHMARK, mine(ann, "validation", scores, k=K))
 
 # -----------------------------------------------------------------------------
 # compare two recognizers (appendix D)
@@ -327,7 +328,7 @@ def main(argv):
     p.add_argument("--split", default="validation")
     p.add_argument("--model", default="tim", help="recognizer name (tim, avion, ...), or random for eq. 2")
     p.add_argument("--scores", default=None, help="score file; default {annotations}/scores/{model}_{split}.npz")
-    p.add_argument("--k", type=int, default=5, help="options per question (also the k of compare's top-k)")
+    p.add_argument("--k", type=int, default=K, help="options per question (also the k of compare's top-k)")
     p.add_argument("--pool", type=int, default=None, help="draw the K-1 distractors from the top N (default K-1)")
     p.add_argument("--topk", type=int, default=None, help="two-stage candidates: the top N, the truth not added")
     p.add_argument("--text", choices=TEXTS, default="narration", help="option texts: narrations or class labels")

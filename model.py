@@ -17,9 +17,11 @@ import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -568,13 +570,16 @@ def load_model(name, random_init=False, dtype=None, device=None, tokenizer=None,
     prompt style and time instruction are the checkpoint's unless overridden."""
     llava, tok, saved, heads = load_base(str(name), random_init, dtype, device, tokenizer, cache)
     given = {k: v for k, v in overrides.items() if v is not None}
-    if saved.get("action_tokens"):
+    if heads is not None:  # trained heads (under --random-init an alias's heads are new: any sizes)
         have = {k: saved.get(k, getattr(ActionConfig, k)) for k in HEAD_FIELDS}
         clash = [k for k in HEAD_FIELDS if k in given and given[k] != have[k]]
         if clash:
             raise ValueError(f"checkpoint {name} has heads for {have['n_verbs']} verbs, {have['n_nouns']} nouns and "
                              f"{have['n_actions']} actions (bias {have['head_bias']}), but the run asks for "
                              + ", ".join(f"{k} {given[k]}" for k in clash))
+        if given.get("action_tokens", saved["action_tokens"]) != saved["action_tokens"]:
+            print(f"checkpoint {name} keeps its {saved['action_tokens']} action token(s) and their heads "
+                  f"(asked for {given['action_tokens']})", file=sys.stderr)
         given = {k: v for k, v in given.items() if k not in HEAD_FIELDS + ("action_tokens",)}
     model = ActionLLaVA(llava, tok, ActionConfig(**{**saved, **given}))
     if heads is not None:
@@ -590,12 +595,26 @@ def load_model(name, random_init=False, dtype=None, device=None, tokenizer=None,
     return model
 
 
-def load_for_eval(name, device, random_init=False, tokenizer=None, cache=None, action_tokens=0):
+def load_for_eval(name, device, random_init=False, tokenizer=None, cache=None, action_tokens=None):
     """The one loader of evaluate.py and attention.py: a checkpoint with heads keeps its action token(s) in the
-    prompt, as it was trained; a base gets `action_tokens` (0: zero-shot). bf16 on GPU, fp32 on CPU."""
+    prompt, as it was trained; a base gets `action_tokens` (None: its own, 0 for a plain base: zero-shot). bf16
+    on GPU, fp32 on CPU."""
     dtype = torch.bfloat16 if device.type == "cuda" else None
     return load_model(name, random_init, dtype, device if random_init else None, tokenizer, cache,
                       action_tokens=action_tokens).to(device).eval()
+
+
+def init_distributed(timeout_minutes):
+    """(rank, world, device) for train.py and evaluate.py: torchrun's process group, or a group of one (an
+    in-process store) under a plain `python`, so collectives and barriers need no branches."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():  # a second main() in one Python process keeps the group
+        single = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes), **single)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def add_load_flags(parser):
@@ -603,6 +622,12 @@ def add_load_flags(parser):
     parser.add_argument("--random-init", action="store_true", help="its architecture with random weights (no download)")
     parser.add_argument("--tokenizer", default=None, help="--random-init of an alias: a tokenizer folder, or 'tiny'")
     parser.add_argument("--cache", default=None, help="folder for checkpoints converted from the LLaVA-NeXT format")
+
+
+def results_folder(ckpt):
+    """Where evaluate.py and attention.py write by default: the checkpoint's own folder, or runs/{name} for an
+    alias or a hub id."""
+    return Path(ckpt) if Path(ckpt).is_dir() else Path("runs") / Path(ckpt).name
 
 
 def describe(model: ActionLLaVA) -> str:

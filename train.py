@@ -19,11 +19,9 @@ import functools
 import gc
 import json
 import math
-import os
 import random
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +38,7 @@ from tqdm import tqdm
 import data
 import mine
 import structured
-from model import ActionLLaVA, add_load_flags, describe, load_model, resolve
+from model import ActionLLaVA, add_load_flags, describe, init_distributed, load_model, resolve
 
 RESOLVED = dict(prompt_style="prompt_style", time_prompt="time_instruction", video_layout="video_layout",
                 supervise_layer="supervise_layer", head_bias="head_bias", head_norm="head_norm",
@@ -125,7 +123,7 @@ def toy_preset(root):
     """The quickstart: minutes on a CPU. In that time the tiny random-init model learns the actions (heads,
     option texts, multi-round), not yet to answer by option letter; a real base answers letters from the start."""
     return dict(base="tiny", annotations=str(root), out="runs/toy", train_file=[f"{root}/{mine.TOY_TRAIN}"],
-                benchmark=f"{root}/{mine.TOY_BENCHMARK}", frames=8, batch_size=16, grad_accum=1, epochs=1,
+                benchmark=f"{root}/{data.BENCHMARK}", frames=8, batch_size=16, grad_accum=1, epochs=1,
                 lr=2e-3, lr_vision=2e-3, warmup_ratio=0.05, log_every=10, save_every=500)
 
 
@@ -148,8 +146,6 @@ def resolve_args(argv):
     args.out = args.out or str(Path("runs") / Path(args.base).name)
     if not args.annotations or not args.train_file:
         parser.error("need --annotations and --train-file (or --data toy)")
-    if args.batch_size % args.grad_accum:
-        parser.error(f"--batch-size {args.batch_size} is not a multiple of --grad-accum {args.grad_accum}")
     return args, {k: v for k, v in preset.items() if getattr(args, k) == v}
 
 # -----------------------------------------------------------------------------
@@ -175,21 +171,7 @@ def epoch_batches(n_rows, epoch, steps, args, rank, world, start):
     return micro.reshape(-1, micro.shape[-1]).tolist()
 
 # -----------------------------------------------------------------------------
-# distributed setup, model, optimizer, schedule
-
-
-def init_distributed():
-    """torchrun's environment, or a group of one (in-process store): collectives and DCP then need no branches."""
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    backend = "nccl" if cuda else "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=timedelta(minutes=60))
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
+# model, optimizer, schedule
 
 
 def parallelize(model, args, device):
@@ -396,7 +378,7 @@ def prepare(args, rank, world, say):
     if args.data and rank == 0:
         if not (Path(args.annotations) / data.SPLIT_FILES["train"]).exists():
             data.make_toy(args.annotations)
-        mine.mine_toy(args.annotations, args.seed)
+        mine.mine_toy(args.annotations)
     if rank == 0 and not args.random_init:
         resolve(args.base, args.cache)  # rank 0 first: it may download the checkpoint or convert it
     dist.barrier()
@@ -449,7 +431,7 @@ def open_run(args, raw, opt, rank, say):
 
 def main(argv):
     args, preset = resolve_args(argv)
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(timeout_minutes=60)
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
     say = functools.partial(print, flush=True) if rank == 0 else lambda *a, **k: None

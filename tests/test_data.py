@@ -13,6 +13,7 @@ import data
 from conftest import FIXTURES
 
 FPS, SIZE, N_INDEX_FRAMES = 10, 64, 400  # index-coded test video: 40 s
+CHUNK_SECONDS = 15.0  # AVION's chunked layout: {root}/{video_id}.MP4/{chunk_start}.MP4
 
 
 @pytest.fixture
@@ -163,7 +164,7 @@ def layouts(tmp_path_factory):
     (root / "original" / "P01" / "videos").mkdir(parents=True)
     shutil.copy(root / "flat" / "P01_01.mp4", root / "original" / "P01" / "videos" / "P01_01.MP4")
     (root / "chunked" / "P01_01.MP4").mkdir(parents=True)
-    chunk = int(data.CHUNK_SECONDS * FPS)
+    chunk = int(CHUNK_SECONDS * FPS)
     for start in range(0, N_INDEX_FRAMES, chunk):
         write_video(root / "chunked" / "P01_01.MP4" / f"{start // FPS}.MP4",
                     range(start, min(start + chunk, N_INDEX_FRAMES)))

@@ -269,7 +269,7 @@ def test_metrics_counts_add_up(kitchen):
                           noun_class=s.noun_class, action_class=s.action_class, correct=a == s.action_class,
                           clamped=0))
     preds += [dict(id="gone_1", bad="FileNotFoundError: video gone"),
-              dict(id="gone_2", bad=f"RuntimeError: clip 9.00-10.00 s of P01 {evaluate.PAST_END} (8.00 s)")]
+              dict(id="gone_2", bad=f"RuntimeError: clip 9.00-10.00 s of P01 {data.PAST_END} (8.00 s)")]
     ratings = {p["id"]: ("easy" if i % 3 else "hard") for i, p in enumerate(preds[:40])}
     m = evaluate.compute_metrics(preds, ann.vocab, tails, ratings)
     good = preds[:-2]
@@ -463,8 +463,8 @@ def test_plot_writes_pngs_of_the_expected_size(tmp_path, capsys):
 
 
 def test_plot_reads_what_evaluate_writes(tmp_path):
-    vocab = data.ActionVocab(["take", "cut"], ["plate", "cup", "pan"], np.array([[0, 0], [1, 1], [1, 2]]),
-                             ["take plate", "cut cup", "cut pan"])
+    vocab = data.ActionVocab(["take", "cut"], ["plate", "cup", "pan"], np.array([[0, 0], [1, 1], [1, 2]]))
+    assert vocab.labels == ["take plate", "cut cup", "cut pan"]
     preds = [dict(id=str(i), correct=i % 2 == 0, pred_verb=v, pred_noun=n, pred_action=0, verb_class=v,
                   noun_class=n if i % 3 else 0, action_class=0, clamped=0)
              for i, (v, n) in enumerate([(0, 0), (1, 1), (1, 2), (0, 0), (1, 2)])]

@@ -239,10 +239,10 @@ def test_an_empty_split_stops_mining(toy_root, tmp_path):
 def test_toy_files_are_mined_once(toy_root, tmp_path):
     root = shutil.copytree(toy_root, tmp_path / "toy", ignore=shutil.ignore_patterns("videos"))
     mine.mine_toy(root)
-    train, bench = data.read_jsonl(root / mine.TOY_TRAIN), data.read_jsonl(root / mine.TOY_BENCHMARK)
+    train, bench = data.read_jsonl(root / mine.TOY_TRAIN), data.read_jsonl(root / data.BENCHMARK)
     ann = data.load_annotations(root)
     assert len(train) == mine.TOY_DRAWS * len(ann.segments("train")) and len(bench) == len(ann.segments("validation"))
-    assert all(len(r["options"]) == mine.TOY_K for r in train + bench)
+    assert all(len(r["options"]) == mine.K for r in train + bench)
     stamp = (root / mine.TOY_TRAIN).stat().st_mtime_ns
     mine.mine_toy(root)
     assert (root / mine.TOY_TRAIN).stat().st_mtime_ns == stamp

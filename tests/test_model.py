@@ -1,7 +1,6 @@
 """model.py: the action token and heads, the two video layouts, the LLaVA-NeXT conversion, save and load."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -211,7 +210,7 @@ def test_video_token_count_must_match():
         model(make_batch(model, drop_video_token=True))
 
 
-def test_save_load_round_trip(tmp_path):
+def test_save_load_round_trip(tmp_path, capsys):
     model = tiny(n_action_tokens=3, layout="grid", supervise_layer="all", head_weight=0.2, head_bias=True,
                  prompt_style="paper", time_instruction=True)
     with torch.no_grad():
@@ -233,6 +232,7 @@ def test_save_load_round_trip(tmp_path):
     with pytest.raises(ValueError, match=f"checkpoint {tmp_path} has heads for 5 verbs.*asks for n_verbs 9"):
         M.load_model(tmp_path, n_verbs=9)
     assert M.load_model(tmp_path, action_tokens=1).cfg.action_tokens == 3  # the checkpoint's own count wins
+    assert "keeps its 3 action token(s) and their heads (asked for 1)" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_files_name_the_file(tmp_path):
@@ -292,6 +292,11 @@ def test_real_shapes_on_meta_device():
     assert small.get_input_embeddings().num_embeddings == 152000 and small.config.tie_word_embeddings
     assert 0.88e9 < small.num_parameters() < 0.9e9  # llava-onevision-qwen2-0.5b: about 0.89B
     assert small.model.apply_pooling(torch.randn(2, 27 * 27, 8)).shape == (2, 196, 8)
+    # a random-init release has no trained heads to keep: fresh ones of the data's sizes, its own token count
+    toy = M.load_model("llavaction-0.5b", random_init=True, tokenizer="tiny", device="meta", n_verbs=6, n_nouns=8,
+                       n_actions=30)
+    assert (toy.verb_head.out_features, toy.noun_head.out_features, toy.action_head.out_features) == (6, 8, 30)
+    assert toy.cfg.action_tokens == 1 and toy.spec.layout == "grid"
 
 
 # -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def synthetic_annotations(n, a, rng):
     verbs, nouns = [f"verb{i}" for i in range(97)], [f"noun{i}" for i in range(300)]
     flat = np.sort(rng.choice(97 * 300, a, replace=False))
     pairs = np.stack([flat // 300, flat % 300], axis=1)
-    vocab = data.ActionVocab(verbs, nouns, pairs, [data.label_text(verbs[v], nouns[m]) for v, m in pairs])
+    vocab = data.ActionVocab(verbs, nouns, pairs)
     narrations = {c: sorted({f"{vocab.labels[c]} {j}" for j in range(rng.integers(1, 5))}) for c in range(a)}
     segs = []
     for i, c in enumerate(rng.integers(0, a, n).tolist()):
