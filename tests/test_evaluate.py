@@ -233,6 +233,9 @@ def test_an_always_a_model_scores_one_in_k_not_the_recognizers_top1(kitchen, tmp
     top1 = np.mean([r["answer_index"] == 0 for r in in_rank_order])
     always_a = np.mean([r["answer_index"] == 0 for r in shuffled])
     assert top1 > 0.3 and abs(always_a - len(found) / len(shuffled) / 20) < 0.02  # about recall / K
+    narrated = [[sorted(r["options"]) for r in evaluate.two_stage_rows(ann, Namespace(**{
+        **vars(args), "text": "narration", "seed": seed}))] for seed in (0, 0, 1)]
+    assert narrated[0] == narrated[1] and narrated[0] != narrated[2]  # --seed draws the narrations, not only the order
     monkeypatch.setattr(structured, "score_options", lambda model, batch, n: torch.tensor([[0.0] + [-9.0] * (n - 1)]
                                                                                           * len(batch["input_ids"])))
     m = run_cli(kitchen, tmp_path / "cli", "--mode", "two_stage", "--topk", 20)[str(FRAMES)]
