@@ -167,7 +167,7 @@ def draw_maps(frames, maps, title, path):
 def run(m, ckpt, rows, args, suffix=""):
     """Statistics of one model over the rows (asked in its prompt style); with --maps, one PNG per clip in
     {out}/maps."""
-    rows = [dict(r, question=data.mqa_question(r["options"], m.cfg.prompt_style)) for r in rows]
+    rows = [dict(r, question=data.mqa_question(r["options"], m.cfg.prompt_style, m.cfg.perspective)) for r in rows]
     stats, answer, chosen = analyse(m, rows, args, desc=str(ckpt))
     for row, row_answer, choice in tqdm(zip(rows, answer, chosen), total=len(rows), desc="maps") if args.maps else ():
         frames, _ = data.load_clip(args.video_root, row["video_id"], row["start"], row["end"], args.frames)

@@ -15,7 +15,7 @@ multi_round scores every action label as the answer to the direct-prediction que
 whole answer, its mean token log-likelihood: over the recognizer's top-K this is multi-round appending restricted
 to those K) or generate (greedy decoding and the first letter found, as the authors evaluate). --sap replaces the
 question with the prior-action form filled with the model's OWN two previous predictions in that video.
-Questions are rebuilt from the options in the checkpoint's prompt style, with its time instruction.
+Questions are rebuilt from the options in the checkpoint's prompt style and perspective, with its time instruction.
 
 Each rank appends finished samples to {out}/frames{T}/predictions.rank{r}.jsonl, so a killed run resumes; rank 0
 merges them into {out}/frames{T}/predictions.jsonl and merges {out}/metrics.json (one entry per --frames setting),
@@ -408,7 +408,7 @@ def build_parser():
     p.add_argument("--sap", action="store_true", help="mqa, two_stage: prior-action prompt with the model's own "
                                                       "two previous predictions of the video")
     p.add_argument("--prompt-style", choices=data.STYLES, default=None, help="default: the checkpoint's")
-    p.add_argument("--perspective", choices=list(data.PERSPECTIVES), default="ego")
+    p.add_argument("--perspective", choices=list(data.PERSPECTIVES), default=None, help="default: the checkpoint's")
     p.add_argument("--time-prompt", action=argparse.BooleanOptionalAction, default=None,
                    help="the time instruction before the question (default: as the checkpoint was trained)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward")
@@ -457,6 +457,7 @@ def main(argv):
     args.weights = model_lib.weights_fingerprint(ckpt) if isinstance(ckpt, Path) else None  # a re-export is new
     tails, ratings = read_tail_classes(root), read_ratings(args.ratings) if args.ratings else None
     args.prompt_style = args.prompt_style or model.cfg.prompt_style
+    args.perspective = args.perspective or model.cfg.perspective
     args.time_prompt = model.cfg.time_instruction if args.time_prompt is None else args.time_prompt
     ask(rows, args)
     out = Path(args.out)

@@ -94,6 +94,7 @@ class ActionConfig:
     head_norm: str = "layers+1"
     video_layout: str = "hf"  # grid: a newline after every row of pooled tokens; hf: one newline per video
     prompt_style: str = "official"  # data.STYLES
+    perspective: str = "ego"        # data.PERSPECTIVES: the point of view the questions are asked from
     time_instruction: bool = False
 
 
@@ -258,7 +259,8 @@ def next_config(src, cfg, tokenizer):
         vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=ids[0], video_token_index=ids[1],
         vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=text.tie_word_embeddings)
     tokens = {None: 0, "one_token": 1, "three_tokens": 3}[cfg.get("vision_supervision")]
-    sizes = [int(x) for x in cfg["action_types"].split(",")] if tokens else [97, 300, 3806]
+    sizes = [int(x) for x in cfg["action_types"].split(",")] if tokens else [
+        ActionConfig.n_verbs, ActionConfig.n_nouns, ActionConfig.n_actions]
     grid = newline == "grid"  # LLaVA-Video's layout, trained with the time prompt
     action = ActionConfig(tokens, *sizes, supervise_layer=SUPERVISED_LAYER[cfg.get("vision_token_training")],
                           video_layout="grid" if grid else "hf",
@@ -448,6 +450,7 @@ class ActionLLaVA(nn.Module):
         super().__init__()
         assert cfg.action_tokens in (0, 1, 3) and cfg.supervise_layer in ("last", "first", "all")
         assert cfg.head_norm in ("layers+1", "layers") and cfg.prompt_style in data.STYLES
+        assert cfg.perspective in data.PERSPECTIVES
         self.llava, self.tokenizer, self.cfg = llava, with_special_tokens(tokenizer), cfg
         self.spec = vision_spec(llava.config, cfg.video_layout)
         self.action_id = tokenizer.convert_tokens_to_ids(ACTION_TOKEN)

@@ -11,7 +11,7 @@ A plain `python train.py` is rank 0 of a process group of one, so there is a sin
 is fixed by its number: the samples (a permutation per epoch cut into global batches that do not depend on the
 number of ranks), the learning rate (a function of the step and the planned total), each clip's frame jitter
 (seeded per item by data.TaskDataset). --resume therefore continues with exactly the next batch. The prompt style,
-time instruction and video layout default to the base's own (what its weights saw) and are saved with the run.
+perspective, time instruction and video layout default to the base's own (what its weights saw), saved with the run.
 """
 import argparse
 import contextlib
@@ -40,9 +40,9 @@ import mine
 import structured
 from model import ActionLLaVA, add_load_flags, describe, init_distributed, load_model, resolve
 
-RESOLVED = dict(prompt_style="prompt_style", time_prompt="time_instruction", video_layout="video_layout",
-                supervise_layer="supervise_layer", head_bias="head_bias", head_norm="head_norm",
-                head_weight="head_weight", verb_weight="verb_weight", noun_weight="noun_weight",
+RESOLVED = dict(prompt_style="prompt_style", perspective="perspective", time_prompt="time_instruction",
+                video_layout="video_layout", supervise_layer="supervise_layer", head_bias="head_bias",
+                head_norm="head_norm", head_weight="head_weight", verb_weight="verb_weight", noun_weight="noun_weight",
                 action_weight="action_weight", action_tokens="action_tokens")  # flag -> ActionConfig field
 TOY_EXPECTATION = ("\nOn the toy, expect the option texts well above chance and the letters near it: a random-init LM "
                    "learns the actions in minutes (heads, texts, multi-round) but not yet to copy the letter of the "
@@ -66,7 +66,8 @@ def build_parser():
                    "paper (appendix C); default: the base's own")
     p.add_argument("--time-prompt", action=argparse.BooleanOptionalAction, default=None,
                    help="the time instruction before each video question (default: the base's own)")
-    p.add_argument("--perspective", choices=list(data.PERSPECTIVES), default="ego", help="egocentric or allocentric")
+    p.add_argument("--perspective", choices=list(data.PERSPECTIVES), default=None,
+                   help="egocentric or allocentric questions (default: the base's own, else ego)")
     p.add_argument("--prior-ratio", type=float, default=0.3, help="share of MQA rows asked with two prior actions")
     p.add_argument("--temporal", choices=[*data.TEMPORAL_FORMS, "none"], default="paper",
                    help="temporal detection: paper (3 s pad, 'start: end'), official (5 s, 'start, end') or none")
@@ -370,7 +371,7 @@ def log_record(raw, s, step, epoch, lrs, dt, state, n_params, peak_tflops, world
 
 def prepare(args, rank, world, say):
     """Everything the run reads, before it writes anything: the toy kitchen (--data toy, rank 0 first), the
-    annotations, the model (its resolved prompt style, time instruction and layout go back into args), the
+    annotations, the model (its resolved prompt options, layout and head options go back into args), the
     training rows and the benchmark's, asked in that style."""
     if args.batch_size % (world * args.grad_accum):
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of ranks x --grad-accum = "

@@ -93,6 +93,23 @@ def test_mqa_matches_independent_forwards(kitchen, tiny, tmp_path):
     assert abs(m["accuracy"] - 0.2) < 4 * np.sqrt(0.2 * 0.8 / n)  # a random model is at chance (1 in 5)
 
 
+def test_questions_are_asked_as_the_checkpoint_was_trained(kitchen, tmp_path):
+    """Prompt style and perspective come from the checkpoint's action.json unless a flag says otherwise."""
+    ann = data.load_annotations(kitchen)
+    trained = model_lib.load_model("tiny", action_tokens=1, n_verbs=len(ann.vocab.verbs), n_nouns=len(ann.vocab.nouns),
+                                   n_actions=len(ann.vocab), prompt_style="paper", perspective="allo")
+    trained.save(tmp_path / "ckpt")
+    run_cli(kitchen, tmp_path / "out", "--limit", 2, ckpt=tmp_path / "ckpt")
+    args = json.loads((tmp_path / "out" / "args.json").read_text())
+    assert (args["prompt_style"], args["perspective"]) == ("paper", "allo")
+    letters = trained.tokenizer.convert_tokens_to_ids(list("ABCDE"))
+    for row, pred in zip(data.read_jsonl(kitchen / "ek100_mqa_tim_k5.jsonl"), predictions(tmp_path / "out")):
+        lp, n = prompt_logprobs(trained.eval(), kitchen / "videos", row, data.mqa_question(row["options"], "paper", "allo"))
+        np.testing.assert_allclose(pred["option_scores"], lp[n - 1, letters].log_softmax(-1).numpy(), atol=1e-4)
+    run_cli(kitchen, tmp_path / "ego", "--limit", 1, "--perspective", "ego", ckpt=tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ego" / "args.json").read_text())["perspective"] == "ego"
+
+
 def test_text_scoring_picks_the_likeliest_option_text(kitchen, tiny, tmp_path):
     run_cli(kitchen, tmp_path, "--score", "text", "--limit", 4)
     rows = data.read_jsonl(kitchen / "ek100_mqa_tim_k5.jsonl")[:4]

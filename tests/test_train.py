@@ -200,3 +200,4 @@ def test_a_converted_base_keeps_its_head_options(toy, tmp_path):
     action = json.loads((tmp_path / "run" / "action.json").read_text())
     assert args["supervise_layer"] == action["supervise_layer"] == "all" and args["head_norm"] == "layers+1"
     assert args["video_layout"] == action["video_layout"] == "grid" and action["action_tokens"] == 1
+    assert args["perspective"] == action["perspective"] == "ego"
