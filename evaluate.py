@@ -433,6 +433,8 @@ def main(argv):
         for path in plot_metrics(args.plot, args.out or Path(args.plot).parent / "plots"):
             print(f"wrote {path}")
         return
+    if args.candidates and args.scores:
+        parser.error("--candidates already holds the recognizer's top-K: pass it or --scores, not both")
     if args.sap and args.mode == "multi_round":
         parser.error("--sap needs options to fill the prior-action prompt: use it with --mode mqa or two_stage")
     if args.limit is not None and args.limit < 1:

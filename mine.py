@@ -338,6 +338,8 @@ def main(argv):
                    "(validation), {split}_mqa_{model}_k{K}.jsonl or {split}_top{N}_{model}.jsonl there")
     p.add_argument("--json", default=None, help="compare: also write the statistics to this JSON file")
     args = p.parse_args(argv)
+    if args.topk and args.pool:
+        p.error("--pool draws MQA distractors; --topk writes the top N as they rank: pass one of them")
 
     if args.command:
         if args.command[0] != "compare" or len(args.command) != 3:

@@ -348,7 +348,7 @@ def test_a_clip_past_the_end_is_a_bad_sample_with_its_reason(kitchen, tmp_path, 
     assert f"1 skipped (1 past the video's end), {m['clamped_frames']} frames clamped" in capsys.readouterr().out
 
 
-def test_bad_inputs_write_nothing_and_the_corrected_run_runs(kitchen, tmp_path):
+def test_bad_inputs_write_nothing_and_the_corrected_run_runs(kitchen, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match=r"missing_ckpt: no such folder, and not an alias"):
         run_cli(kitchen, out, ckpt=tmp_path / "missing_ckpt")
@@ -362,6 +362,9 @@ def test_bad_inputs_write_nothing_and_the_corrected_run_runs(kitchen, tmp_path):
         run_cli(kitchen, out, "--mode", "two_stage", "--topk", 999)
     with pytest.raises(SystemExit):
         run_cli(kitchen, out, "--limit", 0)
+    with pytest.raises(SystemExit):  # a flag that would be ignored is refused
+        run_cli(kitchen, out, "--mode", "two_stage", "--candidates", kitchen / "c.jsonl", "--scores", kitchen / "s.npz")
+    assert "pass it or --scores, not both" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no_ratings.csv"):
         run_cli(kitchen, out, "--ratings", tmp_path / "no_ratings.csv")
     assert not out.exists() and not (tmp_path / "missing_ckpt").exists()  # nothing written, nothing to block

@@ -253,6 +253,8 @@ def test_cli_missing_score_file_names_default_and_flag(toy_root, tmp_path):
     assert r.returncode != 0
     assert str(toy_root / "scores" / "rulstm_validation.npz") in r.stderr and "--scores" in r.stderr
     assert not (tmp_path / "x.jsonl").exists()
+    r = run_cli("--annotations", toy_root, "--topk", 5, "--pool", 8, "--out", tmp_path / "x.jsonl")
+    assert r.returncode == 2 and "pass one of them" in r.stderr and not (tmp_path / "x.jsonl").exists()
 
 
 def test_unknown_class_segment_raises_on_load(toy_root, tmp_path):
