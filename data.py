@@ -59,6 +59,12 @@ BENCHMARK = "ek100_mqa_tim_k5.jsonl"  # EK100-MQA (mine.py --model tim --k 5), w
 SEGMENT_COLUMNS = ("video_id", "start_timestamp", "stop_timestamp", "narration", "verb_class", "noun_class")
 VIDEO_SUFFIXES = (".MP4", ".mp4")
 PAST_END = "starts after the video ends"  # load_clip's reason for a clip outside its video
+MAX_READERS = 4  # open decord readers per process
+# A decord reader keeps two threads busy while it decodes (the caller waits on its decoder thread actively): with
+# more decoding processes than cores/2 they starve each other (two on 2 cores: 2.3 -> 36 ms a clip). Hence the
+# default DataLoader workers per rank: cores / (4 x ranks on the node), at most 4; 4 for one rank on a 16-core GPU
+# host, 0 (decode in the main process) on a 2-core CPU.
+DEFAULT_WORKERS = min(4, (os.cpu_count() or 1) // (4 * int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 # -----------------------------------------------------------------------------
 # annotations and action ids
@@ -237,13 +243,7 @@ def frame_times(start, end, n, jitter=False, rng=None):
 
 
 _READERS = {}  # (pid, path, size) -> decord reader: consecutive clips mostly come from the same long video
-MAX_READERS = 4
 _WARNED = set()  # files whose first frame is not stamped 0: warned once per process
-# A decord reader keeps two threads busy while it decodes (the caller waits on its decoder thread actively): with
-# more decoding processes than cores/2 they starve each other (two on 2 cores: 2.3 -> 36 ms a clip). Hence the
-# default DataLoader workers per rank: cores / (4 x ranks on the node), at most 4; 4 for one rank on a 16-core GPU
-# host, 0 (decode in the main process) on a 2-core CPU.
-DEFAULT_WORKERS = min(4, (os.cpu_count() or 1) // (4 * int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def open_video(path, video_id, size=None):

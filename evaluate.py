@@ -40,9 +40,11 @@ import model as model_lib
 import structured
 
 MODES, SCORES = ("mqa", "two_stage", "multi_round"), ("letter", "text", "generate")
-# flags that change what a prediction is: a resumed run must agree on them with the predictions already written
-RESUME_KEYS = ("mode", "ckpt", "weights", "random_init", "annotations", "split", "benchmark", "scores", "candidates",
-               "topk", "text", "seed", "sap", "score", "reduce", "prompt_style", "perspective", "time_prompt")
+# flags that change what a prediction is, in every mode and in each: a resumed run must agree on them with the
+# predictions already written (and only on them: --seed cannot block resuming an mqa run)
+RESUME_KEYS = ("mode", "ckpt", "weights", "random_init", "annotations", "prompt_style", "perspective", "time_prompt")
+MODE_KEYS = {"mqa": ("benchmark", "score", "reduce", "sap"), "multi_round": ("split", "reduce"),
+             "two_stage": ("split", "scores", "candidates", "topk", "text", "seed", "score", "reduce", "sap")}
 MQA_FIELDS = ("id", "video_id", "start", "end", "options", "answer_index", "option_actions", "verb_class",
               "noun_class", "action_class")
 PLOTS = {"per_verb": "accuracy per verb", "per_noun": "accuracy per noun",
@@ -466,7 +468,7 @@ def main(argv):
     if rank == 0:
         data.lock_folder(out)
         saved = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
-        changed = [k for k in RESUME_KEYS if saved and saved.get(k) != vars(args)[k]]
+        changed = [k for k in RESUME_KEYS + MODE_KEYS[args.mode] if saved and saved.get(k) != vars(args)[k]]
         if changed and list(out.glob("frames*/predictions*.jsonl")):
             was = ", ".join("the checkpoint's weights as they were then (re-exported since)" if k == "weights" else
                             f"--{k.replace('_', '-')} {saved.get(k)} (now {vars(args)[k]})" for k in changed)

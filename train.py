@@ -49,106 +49,6 @@ TOY_EXPECTATION = ("\nOn the toy, expect the option texts well above chance and 
                    "matching option, which a pretrained base does from the start.")
 
 
-def build_parser():
-    """Every flag with the paper's default; --data toy and --resume layer their own defaults on top."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--data", choices=["toy"], default=None, help="toy: make the toy kitchen under --annotations "
-                   "(default toy/) and its mined MQA files when missing, and apply the toy preset")
-    p.add_argument("--train-file", action="append", default=None,
-                   help="MQA JSONL from mine.py; repeat the flag or comma-separate")
-    p.add_argument("--annotations", default=None, help="EPIC annotation root: classes, and the segments of the "
-                   "prior-action, temporal and direct tasks")
-    p.add_argument("--split", default="train", help="annotation split the training files were mined from")
-    p.add_argument("--video-root", default=None, help="default {annotations}/videos")
-    p.add_argument("--frames", type=int, default=16, help="frames per clip")
-    p.add_argument("--prompt-style", choices=data.STYLES, default=None, help="official (the authors' code) or "
-                   "paper (appendix C); default: the base's own")
-    p.add_argument("--time-prompt", action=argparse.BooleanOptionalAction, default=None,
-                   help="the time instruction before each video question (default: the base's own)")
-    p.add_argument("--perspective", choices=list(data.PERSPECTIVES), default=None,
-                   help="egocentric or allocentric questions (default: the base's own, else ego)")
-    p.add_argument("--prior-ratio", type=float, default=0.3, help="share of MQA rows asked with two prior actions")
-    p.add_argument("--temporal", choices=[*data.TEMPORAL_FORMS, "none"], default="paper",
-                   help="temporal detection: paper (3 s pad, 'start: end'), official (5 s, 'start, end') or none")
-    p.add_argument("--no-direct", action="store_true", help="leave out the direct prediction task")
-    p.add_argument("--captions", default=None, help="captions and open QA by narration id (JSON)")
-    p.add_argument("--replay", default=None, help="LLaVA conversation JSON replayed against forgetting")
-    p.add_argument("--replay-root", default=None, help="videos of --replay (default: the JSON's folder)")
-    p.add_argument("--replay-ratio", type=float, default=0.0, help="replay rows per task row")
-    p.add_argument("--skip-bad", action="store_true", help="count unreadable videos and go on without them")
-    p.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
-                   help="DataLoader workers decoding clips, per rank (default: cores / (4 x ranks), at most 4)")
-    p.add_argument("--benchmark", default=None, help="MQA benchmark (mine.py) evaluated at the end")
-    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps, and at step 0 (0: end only)")
-    p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--base", default="llava-video-7b", help="alias (model.py), a local folder (native or LLaVA-NeXT), "
-                   "or a hub id")
-    add_load_flags(p)
-    p.add_argument("--video-layout", choices=["grid", "hf"], default=None, help="default: the base's own")
-    p.add_argument("--action-tokens", type=int, choices=[0, 1, 3], default=1)
-    # the head options below default to the base's own (a converted release keeps its supervised layer), else
-    # to the release's: last layer, no bias, 0.1 x (0.5 verb + 0.5 noun + 0.1 action) / (L + 1)
-    p.add_argument("--supervise-layer", choices=["last", "first", "all"], default=None)
-    p.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=None,
-                   help="biases in the verb/noun/action heads (the release has none)")
-    p.add_argument("--head-norm", choices=["layers+1", "layers"], default=None, help="divide the summed "
-                   "per-layer head losses by L + 1 (the release) or by L (twice the weight at one layer)")
-    p.add_argument("--head-weight", type=float, default=None, help="head loss weight against the LM loss (0.1)")
-    p.add_argument("--verb-weight", type=float, default=None, help="(0.5)")
-    p.add_argument("--noun-weight", type=float, default=None, help="(0.5)")
-    p.add_argument("--action-weight", type=float, default=None, help="(0.1)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations in the backward")
-    p.add_argument("--batch-size", type=int, default=64, help="global: samples per optimizer step, all ranks")
-    p.add_argument("--grad-accum", type=int, default=2, help="micro-steps per optimizer step")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--max-steps", type=int, default=None, help="planned optimizer steps (overrides --epochs)")
-    p.add_argument("--stop-after", type=int, default=None, help="checkpoint and stop at this step; the schedule "
-                   "still runs to the planned end, so --resume continues it")
-    p.add_argument("--lr", type=float, default=1e-5, help="projector, LLM, action token, heads")
-    p.add_argument("--lr-vision", type=float, default=2e-6, help="vision tower")
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="run directory (default runs/{base name}; runs/toy with --data toy)")
-    p.add_argument("--resume", default=None, help="run directory to continue; its args.json fills the flags not given")
-    p.add_argument("--save-every", type=int, default=1000, help="DCP checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--peak-tflops", type=float, default=None, help="per device, for MFU (default from the GPU name)")
-    return p
-
-
-def toy_preset(root):
-    """The quickstart: minutes on a CPU. In that time the tiny random-init model learns the actions (heads,
-    option texts, multi-round), not yet to answer by option letter; a real base answers letters from the start."""
-    return dict(base="tiny", annotations=str(root), out="runs/toy", train_file=[f"{root}/{mine.TOY_TRAIN}"],
-                benchmark=f"{root}/{data.BENCHMARK}", frames=8, batch_size=16, grad_accum=1, epochs=1,
-                lr=2e-3, lr_vision=2e-3, warmup_ratio=0.05, log_every=10, save_every=500)
-
-
-def resolve_args(argv):
-    """Flags given on the command line win, then the resumed run's args.json, then the toy preset, then the
-    defaults: each layer is a parser.set_defaults under one more parse. Returns (args, the preset values used)."""
-    parser = build_parser()
-    first = parser.parse_args(argv)
-    saved = json.loads((Path(first.resume) / "args.json").read_text()) if first.resume else {}
-    root = first.annotations or saved.get("annotations") or "toy"
-    preset = toy_preset(root) if (first.data or saved.get("data")) == "toy" else {}
-    parser.set_defaults(**preset)
-    parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "out")})
-    args = parser.parse_args(argv)
-    if first.resume and first.out is None:  # a resumed run continues in its own folder unless told otherwise
-        args.out = first.resume
-    if args.train_file:
-        args.train_file = [f for arg in args.train_file for f in arg.split(",") if f]
-    args.video_root = args.video_root or (args.annotations and str(Path(args.annotations) / "videos"))
-    args.out = args.out or str(Path("runs") / Path(args.base).name)
-    if not args.annotations or not args.train_file:
-        parser.error("need --annotations and --train-file (or --data toy)")
-    return args, {k: v for k, v in preset.items() if getattr(args, k) == v}
-
 # -----------------------------------------------------------------------------
 # data
 
@@ -425,6 +325,110 @@ def open_run(args, raw, opt, rank, say):
         kept = [line for line in old_log.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
         data.write_atomic(out / "log.jsonl", "".join(line + "\n" for line in kept) if args.resume else "")
     return state, out / "log.jsonl"
+
+# -----------------------------------------------------------------------------
+# flags: the parser, the toy preset, and the layers of defaults
+
+
+def build_parser():
+    """Every flag with the paper's default; --data toy and --resume layer their own defaults on top."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--data", choices=["toy"], default=None, help="toy: make the toy kitchen under --annotations "
+                   "(default toy/) and its mined MQA files when missing, and apply the toy preset")
+    p.add_argument("--train-file", action="append", default=None,
+                   help="MQA JSONL from mine.py; repeat the flag or comma-separate")
+    p.add_argument("--annotations", default=None, help="EPIC annotation root: classes, and the segments of the "
+                   "prior-action, temporal and direct tasks")
+    p.add_argument("--split", default="train", help="annotation split the training files were mined from")
+    p.add_argument("--video-root", default=None, help="default {annotations}/videos")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip")
+    p.add_argument("--prompt-style", choices=data.STYLES, default=None, help="official (the authors' code) or "
+                   "paper (appendix C); default: the base's own")
+    p.add_argument("--time-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="the time instruction before each video question (default: the base's own)")
+    p.add_argument("--perspective", choices=list(data.PERSPECTIVES), default=None,
+                   help="egocentric or allocentric questions (default: the base's own, else ego)")
+    p.add_argument("--prior-ratio", type=float, default=0.3, help="share of MQA rows asked with two prior actions")
+    p.add_argument("--temporal", choices=[*data.TEMPORAL_FORMS, "none"], default="paper",
+                   help="temporal detection: paper (3 s pad, 'start: end'), official (5 s, 'start, end') or none")
+    p.add_argument("--no-direct", action="store_true", help="leave out the direct prediction task")
+    p.add_argument("--captions", default=None, help="captions and open QA by narration id (JSON)")
+    p.add_argument("--replay", default=None, help="LLaVA conversation JSON replayed against forgetting")
+    p.add_argument("--replay-root", default=None, help="videos of --replay (default: the JSON's folder)")
+    p.add_argument("--replay-ratio", type=float, default=0.0, help="replay rows per task row")
+    p.add_argument("--skip-bad", action="store_true", help="count unreadable videos and go on without them")
+    p.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
+                   help="DataLoader workers decoding clips, per rank (default: cores / (4 x ranks), at most 4)")
+    p.add_argument("--benchmark", default=None, help="MQA benchmark (mine.py) evaluated at the end")
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps, and at step 0 (0: end only)")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--base", default="llava-video-7b", help="alias (model.py), a local folder (native or LLaVA-NeXT), "
+                   "or a hub id")
+    add_load_flags(p)
+    p.add_argument("--video-layout", choices=["grid", "hf"], default=None, help="default: the base's own")
+    p.add_argument("--action-tokens", type=int, choices=[0, 1, 3], default=1)
+    # the head options below default to the base's own (a converted release keeps its supervised layer), else
+    # to the release's: last layer, no bias, 0.1 x (0.5 verb + 0.5 noun + 0.1 action) / (L + 1)
+    p.add_argument("--supervise-layer", choices=["last", "first", "all"], default=None)
+    p.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="biases in the verb/noun/action heads (the release has none)")
+    p.add_argument("--head-norm", choices=["layers+1", "layers"], default=None, help="divide the summed "
+                   "per-layer head losses by L + 1 (the release) or by L (twice the weight at one layer)")
+    p.add_argument("--head-weight", type=float, default=None, help="head loss weight against the LM loss (0.1)")
+    p.add_argument("--verb-weight", type=float, default=None, help="(0.5)")
+    p.add_argument("--noun-weight", type=float, default=None, help="(0.5)")
+    p.add_argument("--action-weight", type=float, default=None, help="(0.1)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations in the backward")
+    p.add_argument("--batch-size", type=int, default=64, help="global: samples per optimizer step, all ranks")
+    p.add_argument("--grad-accum", type=int, default=2, help="micro-steps per optimizer step")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=None, help="planned optimizer steps (overrides --epochs)")
+    p.add_argument("--stop-after", type=int, default=None, help="checkpoint and stop at this step; the schedule "
+                   "still runs to the planned end, so --resume continues it")
+    p.add_argument("--lr", type=float, default=1e-5, help="projector, LLM, action token, heads")
+    p.add_argument("--lr-vision", type=float, default=2e-6, help="vision tower")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run directory (default runs/{base name}; runs/toy with --data toy)")
+    p.add_argument("--resume", default=None, help="run directory to continue; its args.json fills the flags not given")
+    p.add_argument("--save-every", type=int, default=1000, help="DCP checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--peak-tflops", type=float, default=None, help="per device, for MFU (default from the GPU name)")
+    return p
+
+
+def toy_preset(root):
+    """The quickstart: minutes on a CPU. In that time the tiny random-init model learns the actions (heads,
+    option texts, multi-round), not yet to answer by option letter; a real base answers letters from the start."""
+    return dict(base="tiny", annotations=str(root), out="runs/toy", train_file=[f"{root}/{mine.TOY_TRAIN}"],
+                benchmark=f"{root}/{data.BENCHMARK}", frames=8, batch_size=16, grad_accum=1, epochs=1,
+                lr=2e-3, lr_vision=2e-3, warmup_ratio=0.05, log_every=10, save_every=500)
+
+
+def resolve_args(argv):
+    """Flags given on the command line win, then the resumed run's args.json, then the toy preset, then the
+    defaults: each layer is a parser.set_defaults under one more parse. Returns (args, the preset values used)."""
+    parser = build_parser()
+    first = parser.parse_args(argv)
+    saved = json.loads((Path(first.resume) / "args.json").read_text()) if first.resume else {}
+    root = first.annotations or saved.get("annotations") or "toy"
+    preset = toy_preset(root) if (first.data or saved.get("data")) == "toy" else {}
+    parser.set_defaults(**preset)
+    parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "out")})
+    args = parser.parse_args(argv)
+    if first.resume and first.out is None:  # a resumed run continues in its own folder unless told otherwise
+        args.out = first.resume
+    if args.train_file:
+        args.train_file = [f for arg in args.train_file for f in arg.split(",") if f]
+    args.video_root = args.video_root or (args.annotations and str(Path(args.annotations) / "videos"))
+    args.out = args.out or str(Path("runs") / Path(args.base).name)
+    if not args.annotations or not args.train_file:
+        parser.error("need --annotations and --train-file (or --data toy)")
+    return args, {k: v for k, v in preset.items() if getattr(args, k) == v}
 
 # -----------------------------------------------------------------------------
 # training

@@ -172,6 +172,11 @@ def test_resume_refuses_other_flags(kitchen, tmp_path, capsys):
         run_cli(kitchen, tmp_path, "--limit", 2, "--time-prompt")
     assert e.value.code == 2
     assert f"{tmp_path} holds predictions made with --time-prompt False (now True)" in capsys.readouterr().err
+    run_cli(kitchen, tmp_path, "--limit", 3, "--seed", 7)  # a flag mqa does not read: resumed, one more row
+    assert len(predictions(tmp_path)) == 3
+    with pytest.raises(SystemExit):
+        run_cli(kitchen, tmp_path, "--limit", 3, "--score", "text")
+    assert "--score letter (now text)" in capsys.readouterr().err
 
 
 def test_sap_prompts_hold_own_predictions(kitchen, tmp_path, monkeypatch):
