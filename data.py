@@ -31,6 +31,7 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML turn markers of the Qw
 SYSTEM_PROMPT = "You are a helpful assistant."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 STYLES = ("official", "paper")
+SUPERVISION = ("official", "answers")  # the targets of a training conversation: see encode_conversation
 PERSPECTIVES = {  # the ego prefix ends with a space, the allocentric one does not (as released)
     "ego": "You are seeing this video from egocentric view and you are the person. Your hands are sometimes "
            "interacting with objects. What action are you doing? ",
@@ -523,28 +524,39 @@ def build_training_samples(ann, split, mqa_rows, rng, style="official", perspect
 # model inputs: token ids with loss masks, a Dataset that decodes clips in DataLoader workers, and collate
 
 
-def encode_conversation(tokenizer, question, answer, n_video_tokens, n_action_tokens, turns=()):
+def encode_conversation(tokenizer, question, answer, n_video_tokens, n_action_tokens, turns=(), supervise="official"):
     """ChatML ids and labels, as the authors' Qwen template lays them out:
         <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
-        <video> x V <action> x A \\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>
-    Labels are -100 everywhere except each answer and its closing <|im_end|>. Pieces are tokenised apart and
-    concatenated, so placeholders go in as ids and the prompt's ids are the same with or without the answer.
-    answer None: the prompt only, ending where the answer would start. turns: further [question, answer]
-    pairs (multi-turn replay and open QA), every answer supervised."""
+        <video> x V <action> x A \\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n
+    Pieces are tokenised apart and concatenated, so placeholders go in as ids and the prompt's ids are the same
+    with or without the answer. answer None: the prompt only, ending where the answer would start, no targets.
+    turns: further [question, answer] pairs (multi-turn replay and open QA). Targets (labels other than -100):
+    supervise "answers", each answer and its <|im_end|>; "official" (the authors' code, what the released models
+    were trained with), each whole assistant turn (header and final newline too), and every <|im_start|>,
+    <|im_end|> and newline token anywhere in the conversation (the token of "\\n" alone, not " \\n" or ".\\n")."""
     def tok(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    assert supervise in SUPERVISION
     im_start, im_end, video, action = tokenizer.convert_tokens_to_ids([IM_START, IM_END, VIDEO_TOKEN, ACTION_TOKEN])
     placeholders = [video] * n_video_tokens + [action] * n_action_tokens
-    ids = [im_start, *tok("system\n" + SYSTEM_PROMPT), im_end, *tok("\n")]
+    newline, official = tok("\n"), supervise == "official"
+    ids = [im_start, *tok("system\n" + SYSTEM_PROMPT), im_end, *newline]
     labels = [-100] * len(ids)
     for k, (q, a) in enumerate([(question, answer), *turns] if answer is not None else [(question, None)]):
         head = placeholders if k == 0 else []
-        prompt = (tok("\n") if k else []) + [im_start, *tok("user\n"), *head, *tok(("\n" if head else "") + q),
-                                              im_end, *tok("\n"), im_start, *tok("assistant\n")]
+        user = (newline if k else []) + [im_start, *tok("user\n"), *head, *tok(("\n" if head else "") + q), im_end,
+                                         *newline]
+        header = [im_start, *tok("assistant\n")]
         reply = [] if a is None else tok(a) + [im_end]
-        ids += prompt + reply
-        labels += [-100] * len(prompt) + reply
+        ids += user + header + reply
+        labels += [-100] * len(user) + (header if official and reply else [-100] * len(header)) + reply
+    if answer is None:
+        return ids, labels
+    ids, labels = ids + newline, labels + (newline if official else [-100] * len(newline))
+    if official:
+        marks = {im_start, im_end, *(newline if len(newline) == 1 else ())}
+        labels = [-100] + [i if i in marks else label for i, label in zip(ids[1:], labels[1:])]  # 0: no context
     return ids, labels
 
 
@@ -554,14 +566,15 @@ class TaskDataset:
     is the model's vision spec: size, mean, std and video_tokens(n_frames). With time_prompt, video questions
     open with the time instruction, glued to the question as the authors do. Each item's randomness (frame
     jitter) comes from (seed, epoch, index): any number of workers, the same batches. Call set_epoch before
-    creating each epoch's iterator (persistent workers would keep an old copy)."""
+    creating each epoch's iterator (persistent workers would keep an old copy). `supervise`: the targets of
+    encode_conversation."""
 
     def __init__(self, rows, video_root, tokenizer, spec, n_frames, n_action_tokens=1, train=False,
-                 time_prompt=False, skip_bad=False, with_answer=True, seed=0):
+                 time_prompt=False, skip_bad=False, with_answer=True, seed=0, supervise="official"):
         self.rows, self.video_root, self.tokenizer, self.spec = rows, video_root, tokenizer, spec
         self.n_frames, self.n_action_tokens, self.train = n_frames, n_action_tokens, train
         self.time_prompt, self.skip_bad, self.with_answer = time_prompt, skip_bad, with_answer
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.supervise = seed, 0, supervise
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -590,7 +603,7 @@ class TaskDataset:
             question = TIME_PROMPT.format(duration=end - row["start"], frames=self.n_frames) + question
         n_video = self.spec.video_tokens(self.n_frames) if pixels is not None else 0
         ids, labels = encode_conversation(self.tokenizer, question, row["answer"] if self.with_answer else None,
-                                          n_video, self.n_action_tokens, row.get("turns", ()))
+                                          n_video, self.n_action_tokens, row.get("turns", ()), self.supervise)
         classes = [-100 if bad else row.get(k, -100) for k in ("verb_class", "noun_class", "action_class")]
         return dict(index=i, input_ids=torch.tensor(ids), labels=torch.tensor([-100] * len(ids) if bad else labels),
                     pixel_values_videos=pixels, action_labels=torch.tensor(classes), clamped=clamped, bad=bad)

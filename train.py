@@ -357,6 +357,9 @@ def build_parser():
     p.add_argument("--replay", default=None, help="LLaVA conversation JSON replayed against forgetting")
     p.add_argument("--replay-root", default=None, help="videos of --replay (default: the JSON's folder)")
     p.add_argument("--replay-ratio", type=float, default=0.0, help="replay rows per task row")
+    p.add_argument("--supervise", choices=data.SUPERVISION, default="official", help="the LM loss's targets: "
+                   "official (the authors' code: whole assistant turns and every <|im_start|>, <|im_end|> and newline "
+                   "token) or answers (each answer and its <|im_end|>)")
     p.add_argument("--skip-bad", action="store_true", help="count unreadable videos and go on without them")
     p.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
                    help="DataLoader workers decoding clips, per rank (default: cores / (4 x ranks), at most 4)")
@@ -406,7 +409,8 @@ def toy_preset(root):
     option texts, multi-round), not yet to answer by option letter; a real base answers letters from the start."""
     return dict(base="tiny", annotations=str(root), out="runs/toy", train_file=[f"{root}/{mine.TOY_TRAIN}"],
                 benchmark=f"{root}/{data.BENCHMARK}", frames=8, batch_size=16, grad_accum=1, epochs=1,
-                lr=2e-3, lr_vision=2e-3, warmup_ratio=0.05, log_every=10, save_every=500)
+                lr=2e-3, lr_vision=2e-3, warmup_ratio=0.05, log_every=10, save_every=500,
+                supervise="answers")  # the template's easy targets would dilute a tiny model's answer loss
 
 
 def resolve_args(argv):
@@ -461,7 +465,8 @@ def main(argv):
     log = functools.partial(append_log, log_path) if rank == 0 else lambda record: None
     run_eval = functools.partial(check_mqa, raw, eval_rows, args, autocast, log, say)
     dataset = data.TaskDataset(rows, args.video_root, raw.tokenizer, raw.spec, args.frames, raw.cfg.action_tokens,
-                               train=True, time_prompt=args.time_prompt, skip_bad=args.skip_bad, seed=args.seed)
+                               train=True, time_prompt=args.time_prompt, skip_bad=args.skip_bad, seed=args.seed,
+                               supervise=args.supervise)
     collate = functools.partial(data.collate, pad_id=raw.tokenizer.pad_token_id)
     peak_tflops, window, step = args.peak_tflops or default_peak_tflops(device), {}, state["step"]
     result = run_eval(0) if eval_rows and args.eval_every and step == 0 else None

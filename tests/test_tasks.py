@@ -105,31 +105,57 @@ def test_official_samples_token_for_token(tok):
     assert temporal["answer"] == f"{round(pad_before, 2)}, {round(pad_before + 2.5, 2)}"
     assert temporal["end"] - temporal["start"] == pytest.approx(2.5 + 5)
     for question, answer, user in cases:
-        ids, labels = data.encode_conversation(tok, question, answer, spec.video_tokens(8), 1)
-        expected = SYSTEM + video + "\n" + user + ASSISTANT + answer + "<|im_end|>"
+        ids, labels = data.encode_conversation(tok, question, answer, spec.video_tokens(8), 1, supervise="answers")
+        expected = SYSTEM + video + "\n" + user + ASSISTANT + answer + "<|im_end|>\n"
         assert tok.decode(ids) == expected
         assert ids == tok(expected, add_special_tokens=False).input_ids
         assert supervised_text(tok, ids, labels) == answer + "<|im_end|>"
 
 
 def test_encode_conversation_supervises_the_answer_only(tok):
-    ids, labels = data.encode_conversation(tok, "What action?", "B. take the plate", 9, 1)
+    ids, labels = data.encode_conversation(tok, "What action?", "B. take the plate", 9, 1, supervise="answers")
     prompt, prompt_labels = data.encode_conversation(tok, "What action?", None, 9, 1)
     assert ids[:len(prompt)] == prompt and set(prompt_labels) == {-100}
-    assert all(l == -100 for l in labels[:len(prompt)]) and labels[len(prompt):] == ids[len(prompt):]
+    assert all(l == -100 for l in labels[:len(prompt)]) and labels[len(prompt):-1] == ids[len(prompt):-1]
     assert supervised_text(tok, ids, labels) == "B. take the plate<|im_end|>"
     assert tok.decode(prompt).endswith("What action?<|im_end|>\n<|im_start|>assistant\n")
     # multi-turn: every answer and its <|im_end|>, never the newline or the next user turn
-    ids, labels = data.encode_conversation(tok, "Q one?", "first", 0, 1, turns=[["Q two?", "second"]])
+    ids, labels = data.encode_conversation(tok, "Q one?", "first", 0, 1, turns=[["Q two?", "second"]],
+                                           supervise="answers")
     runs = re.findall(r"\d+(?:,\d+)*", ",".join(str(i) if l != -100 else "|" for i, l in zip(ids, labels)))
     assert [tok.decode([int(i) for i in r.split(",")]) for r in runs] == ["first<|im_end|>", "second<|im_end|>"]
     assert tok.decode(ids) == (SYSTEM + "<action>\nQ one?" + ASSISTANT + "first<|im_end|>"
-                               "\n<|im_start|>user\nQ two?" + ASSISTANT + "second<|im_end|>")
+                               "\n<|im_start|>user\nQ two?" + ASSISTANT + "second<|im_end|>\n")
+
+
+def release_targets(tok, messages):
+    """The authors' preprocess_qwen, rebuilt from its description: each message is tokenised whole as
+    <|im_start|>{role}\\n{content}<|im_end|>\\n, an assistant message is all targets, the rest none; then every
+    <|im_start|>, <|im_end|> and lone-newline token becomes a target wherever it is."""
+    ids, labels = [], []
+    for role, content in messages:
+        piece = tok(f"<|im_start|>{role}\n{content}<|im_end|>\n", add_special_tokens=False).input_ids
+        ids += piece
+        labels += piece if role == "assistant" else [-100] * len(piece)
+    marks = {*tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]), *tok("\n", add_special_tokens=False).input_ids}
+    return ids, [i if i in marks else l for i, l in zip(ids, labels)]
+
+
+def test_official_supervision_is_the_releases(tok):
+    question = data.mqa_question(["open fridge", "open drawer"])
+    ids, labels = data.encode_conversation(tok, question, "A. open fridge", 6, 1, turns=[["And then?", "B. two"]])
+    ref_ids, ref_labels = release_targets(tok, [("system", data.SYSTEM_PROMPT),
+                                                ("user", "<video>" * 6 + "<action>\n" + question),
+                                                ("assistant", "A. open fridge"), ("user", "And then?"),
+                                                ("assistant", "B. two")])
+    assert ids == ref_ids and labels[1:] == ref_labels[1:] and labels[0] == -100  # the first token has no context
+    assert "\n" in supervised_text(tok, ids[:len(ids) // 2], labels[:len(ids) // 2])  # newlines of the prompt too
+    assert set(data.encode_conversation(tok, question, None, 6, 1)[1]) == {-100}  # a prompt alone trains nothing
 
 
 def test_video_placeholders_then_action_token(toy_root, ann, tok, spec):
     rows = mqa_rows(ann.segments("train")[:1])
-    item = data.TaskDataset(rows, toy_root / "videos", tok, spec, N_FRAMES)[0]
+    item = data.TaskDataset(rows, toy_root / "videos", tok, spec, N_FRAMES, supervise="answers")[0]
     ids = item["input_ids"].tolist()
     video, action = tok.convert_tokens_to_ids([data.VIDEO_TOKEN, data.ACTION_TOKEN])
     where = [i for i, t in enumerate(ids) if t == video]
@@ -139,6 +165,9 @@ def test_video_placeholders_then_action_token(toy_root, ann, tok, spec):
     pixels = item["pixel_values_videos"]
     assert pixels.shape == (N_FRAMES, 3, 32, 32) and pixels.dtype == torch.float32
     assert supervised_text(tok, ids, item["labels"].tolist()) == rows[0]["answer"] + "<|im_end|>"
+    official = data.TaskDataset(rows, toy_root / "videos", tok, spec, N_FRAMES)[0]  # the default: the release's
+    assert official["labels"].tolist() == data.encode_conversation(tok, rows[0]["question"], rows[0]["answer"],
+                                                                   spec.video_tokens(N_FRAMES), 1)[1]
     s = ann.segments("train")[0]
     assert item["action_labels"].tolist() == [s.verb_class, s.noun_class, s.action_class] and item["bad"] is None
 
@@ -218,7 +247,7 @@ def test_direct_captions_open_qa_and_replay_mix(toy_root, ann):
 def test_replay_whole_video_multi_turn_with_the_time_instruction(toy_root, tok, spec):
     replay = data.read_replay(toy_root / "replay.json")
     row = next(r for r in replay if "video_id" in r)
-    item = data.TaskDataset([row], None, tok, spec, N_FRAMES, time_prompt=True)[0]
+    item = data.TaskDataset([row], None, tok, spec, N_FRAMES, time_prompt=True, supervise="answers")[0]
     text = tok.decode(item["input_ids"])
     duration = data.video_duration(toy_root, row["video_id"])
     assert f"<action>\nThe provided video lasts for {duration:.3f} seconds, and {N_FRAMES} frames are uniformly " \
