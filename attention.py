@@ -105,24 +105,36 @@ def statistics(text_max, n_visual):
     return stats
 
 
+def collate_readable(items, pad_id):
+    """data.collate of the items whose clip could be read (--skip-bad), None if none could."""
+    good = [x for x in items if x["bad"] is None]
+    return data.collate(good, pad_id) if good else None
+
+
 @torch.inference_mode()
 def analyse(m, rows, args, desc):
-    """Run the benchmark rows through the model in batches: statistics, answer rows and the chosen options."""
+    """Run the benchmark rows through the model in batches: statistics, answer rows, the chosen options and the
+    indices of the rows analysed (all but unreadable clips under --skip-bad)."""
     dataset = data.TaskDataset(rows, args.video_root, m.tokenizer, m.spec, args.frames, m.cfg.action_tokens,
-                               time_prompt=m.cfg.time_instruction, with_answer=False)
+                               time_prompt=m.cfg.time_instruction, with_answer=False, skip_bad=args.skip_bad)
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=partial(data.collate, pad_id=m.tokenizer.pad_token_id))
+                                         collate_fn=partial(collate_readable, pad_id=m.tokenizer.pad_token_id))
     n_layers = m.llava.config.text_config.num_hidden_layers
     layers = range(n_layers) if args.layer == "mean" else [int(args.layer.replace("last", "-1")) % n_layers]
     letters = structured.letter_token_ids(m.tokenizer, len(rows[0]["options"])).to(m.llava.device)
-    text_max, answer, chosen = [], [], []
+    text_max, answer, chosen, kept = [], [], [], []
     for batch in tqdm(loader, desc=desc):
+        if batch is None:
+            continue
+        kept += batch["index"].tolist()
         att, hidden, (_, n_visual, text) = text_attention(m, batch, layers)
         top, last_row = reduce_rows(att, batch["attention_mask"].to(att.device), text)
         text_max.append(top.cpu()), answer.append(last_row.cpu())
         last = hidden[torch.arange(len(hidden)), batch["attention_mask"].to(hidden.device).sum(1) - 1]
         chosen += m.llava.lm_head(last)[:, letters].argmax(-1).tolist()
-    return statistics(torch.cat(text_max), n_visual), torch.cat(answer), chosen
+    if not kept:
+        raise RuntimeError(f"none of the {len(rows)} clips could be read (without --skip-bad the error says why)")
+    return statistics(torch.cat(text_max), n_visual), torch.cat(answer), chosen, kept
 
 # -----------------------------------------------------------------------------
 # attention maps over the frames
@@ -168,7 +180,8 @@ def run(m, ckpt, rows, args, suffix=""):
     """Statistics of one model over the rows (asked in its prompt style); with --maps, one PNG per clip in
     {out}/maps."""
     rows = [dict(r, question=data.mqa_question(r["options"], m.cfg.prompt_style, m.cfg.perspective)) for r in rows]
-    stats, answer, chosen = analyse(m, rows, args, desc=str(ckpt))
+    stats, answer, chosen, kept = analyse(m, rows, args, desc=str(ckpt))
+    skipped, rows = len(rows) - len(kept), [rows[i] for i in kept]
     for row, row_answer, choice in tqdm(zip(rows, answer, chosen), total=len(rows), desc="maps") if args.maps else ():
         frames, _ = data.load_clip(args.video_root, row["video_id"], row["start"], row["end"], args.frames)
         maps = frame_maps(row_answer, args.frames, m.spec, frames.shape[1:3])
@@ -178,13 +191,13 @@ def run(m, ckpt, rows, args, suffix=""):
         print(title)
         (Path(args.out) / "maps").mkdir(parents=True, exist_ok=True)
         draw_maps(frames, maps, title, Path(args.out) / "maps" / f"{row['id']}{suffix}.png")
-    return dict(stats, ckpt=str(ckpt), layer=args.layer, video_layout=m.spec.layout, accuracy=float(np.mean(
-        [c == r.get("answer_index") for c, r in zip(chosen, rows)])))
+    return dict(stats, ckpt=str(ckpt), layer=args.layer, video_layout=m.spec.layout, skipped_bad=skipped,
+                accuracy=float(np.mean([c == r.get("answer_index") for c, r in zip(chosen, rows)])))
 
 
 def print_stats(results):
     """One column per model."""
-    keys = ["n", "accuracy", "text_visual_mean", "text_visual_p90", "text_action_mean", "share_visual_below_action"]
+    keys = ["n", "skipped_bad", "accuracy", "text_visual_mean", "text_visual_p90", "text_action_mean", "share_visual_below_action"]
     print(f"{'':28s}" + "".join(f"{r['ckpt'][-24:]:>26s}" for r in results))
     for key in keys:
         print(f"{key:28s}" + "".join(f"{r[key]:>26.4g}" if key in r else f"{'n/a':>26s}" for r in results))
@@ -203,6 +216,7 @@ def main(argv):
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--layer", default="last", help="'last', a layer index (negative counts back) or 'mean'")
     parser.add_argument("--maps", action="store_true", help="write {out}/maps/{id}.png for every selected clip")
+    parser.add_argument("--skip-bad", action="store_true", help="leave out (and count) clips that cannot be read")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
                         help="DataLoader workers decoding the clips (default: cores / (4 x ranks), at most 4)")

@@ -144,3 +144,17 @@ def test_cli_on_the_toy_kitchen_with_maps_and_compare(toy_root, tmp_path):
                                       1)[0].shape[1:3]
     for name in (rows[0]["id"], rows[2]["id"] + "_compare"):
         assert Image.open(out / "maps" / f"{name}.png").size == (2 * frame_w, frame_h + attention.MAP_TITLE)
+
+
+def test_skip_bad_leaves_out_unreadable_clips(toy_root, tmp_path):
+    ann = data.load_annotations(toy_root)
+    rows = mine.mine(ann, "validation", k=3)[:3]
+    rows[1] = dict(rows[1], video_id="P99_01")  # no such video
+    data.write_jsonl_atomic(tmp_path / "mqa.jsonl", rows)
+    flags = ["--ckpt", "tiny", "--benchmark", str(tmp_path / "mqa.jsonl"), "--video-root", str(toy_root / "videos"),
+             "--frames", "2", "--num-workers", "0"]
+    with pytest.raises(FileNotFoundError, match="video P99_01 not found"):
+        attention.main([*flags, "--out", str(tmp_path / "strict")])
+    attention.main([*flags, "--out", str(tmp_path / "att"), "--skip-bad"])
+    stats = json.loads((tmp_path / "att" / "stats.json").read_text())
+    assert (stats["n"], stats["skipped_bad"]) == (2, 1)
