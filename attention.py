@@ -197,7 +197,8 @@ def run(m, ckpt, rows, args, suffix=""):
 
 def print_stats(results):
     """One column per model."""
-    keys = ["n", "skipped_bad", "accuracy", "text_visual_mean", "text_visual_p90", "text_action_mean", "share_visual_below_action"]
+    keys = ["n", "skipped_bad", "accuracy", "text_visual_mean", "text_visual_p90", "text_action_mean",
+            "share_visual_below_action"]
     print(f"{'':28s}" + "".join(f"{r['ckpt'][-24:]:>26s}" for r in results))
     for key in keys:
         print(f"{key:28s}" + "".join(f"{r[key]:>26.4g}" if key in r else f"{'n/a':>26s}" for r in results))
