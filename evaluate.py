@@ -402,7 +402,8 @@ def build_parser():
     p.add_argument("--topk", type=int, default=20, help="two_stage: candidates (lettered A.., 20 = A-T)")
     p.add_argument("--text", choices=mine.TEXTS, default="label", help="two_stage option texts: class labels, or "
                    "a narration drawn per class (the truth's own when it is among them, a small leak)")
-    p.add_argument("--seed", type=int, default=0, help="two_stage: the shuffle of the options before lettering")
+    p.add_argument("--seed", type=int, default=0, help="two_stage: the options' shuffle before lettering (and, "
+                   "with --text narration, the narrations drawn)")
     p.add_argument("--frames", type=int, nargs="+", default=[8], help="one evaluation per value")
     p.add_argument("--score", choices=SCORES, default="letter", help="mqa, two_stage: how an option is chosen")
     p.add_argument("--reduce", choices=["mean", "sum"], default="mean", help="multi_round and --score text: mean "

@@ -419,6 +419,7 @@ def resolve_args(argv):
     parser = build_parser()
     first = parser.parse_args(argv)
     saved = json.loads((Path(first.resume) / "args.json").read_text()) if first.resume else {}
+    saved = {"supervise": "answers", **saved} if saved else saved  # runs saved before --supervise trained on answers
     root = first.annotations or saved.get("annotations") or "toy"
     preset = toy_preset(root) if (first.data or saved.get("data")) == "toy" else {}
     parser.set_defaults(**preset)

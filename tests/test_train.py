@@ -74,6 +74,10 @@ def test_flags_win_over_the_resumed_run_over_the_preset_over_the_defaults(tmp_pa
     args, _ = train.resolve_args(["--annotations", "A", "--train-file", "x.jsonl,y.jsonl", "--train-file", "z.jsonl"])
     assert args.train_file == ["x.jsonl", "y.jsonl", "z.jsonl"] and args.lr == 1e-5 and args.batch_size == 64
     assert args.prompt_style is None and args.temporal == "paper"  # the base's own style; the paper's temporal form
+    assert args.supervise == "official"  # the release's LM targets, except in the toy preset
+    old = {k: v for k, v in vars(args).items() if k != "supervise"}  # a run saved before --supervise existed
+    (run / "args.json").write_text(json.dumps(old))
+    assert train.resolve_args(["--resume", str(run)])[0].supervise == "answers"  # resumed as it was trained
 
 
 def test_global_batches_do_not_depend_on_the_number_of_ranks():
