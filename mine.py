@@ -219,7 +219,7 @@ def make_rows(segs, options, truth, texts, task):
     return rows
 
 
-def mine(ann, split, scores=None, k=5, pool=None, topk=None, text="narration", seed=0):
+def mine(ann, split, scores=None, k=K, pool=None, topk=None, text="narration", seed=0):
     """MQA rows (truth + K-1 distractors, shuffled) or, with topk, two-stage candidate rows (top-N in rank
     order, truth not added). scores=None is eq. 2 (random distractors). One Generator: same seed, same rows."""
     segs = ann.segments(split)
