@@ -36,10 +36,9 @@ import structured
 
 MAP_TITLE, MAP_COLUMNS = 20, 8  # attention-map images: title band in pixels, frames per row
 
+
 # -----------------------------------------------------------------------------
 # attention of the text rows, recomputed from the attention modules' inputs
-
-
 def prompt_positions(ids, video_id, action_id, n_action):
     """(first visual position, V, first text position): the same for every row, since the chat prefix and the
     frame count are shared and padding is on the right."""
@@ -136,10 +135,9 @@ def analyse(m, rows, args, desc):
         raise RuntimeError(f"none of the {len(rows)} clips could be read (without --skip-bad the error says why)")
     return statistics(torch.cat(text_max), n_visual), torch.cat(answer), chosen, kept
 
+
 # -----------------------------------------------------------------------------
 # attention maps over the frames
-
-
 def frame_maps(answer_row, n_frames, spec, frame_hw):
     """(T, H, W) maps of the answer position's attention to the T x g x g frame tokens (newlines left out: the
     grid layout's after every row, the hf layout's after the video), normalised per clip to sum to 1 and resized
@@ -174,8 +172,6 @@ def draw_maps(frames, maps, title, path):
 
 # -----------------------------------------------------------------------------
 # one model's statistics and maps, printed beside another's
-
-
 def run(m, ckpt, rows, args, suffix=""):
     """Statistics of one model over the rows (asked in its prompt style); with --maps, one PNG per clip in
     {out}/maps."""

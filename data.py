@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # tokens and prompts, verbatim (spaces included) from the authors' code for the official style
-
 VIDEO_TOKEN, IMAGE_TOKEN, ACTION_TOKEN = "<video>", "<image>", "<action>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML turn markers of the Qwen2 tokenizer
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -67,10 +66,9 @@ MAX_READERS = 4  # open decord readers per process
 # host, 0 (decode in the main process) on a 2-core CPU.
 DEFAULT_WORKERS = min(4, (os.cpu_count() or 1) // (4 * int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
+
 # -----------------------------------------------------------------------------
 # annotations and action ids
-
-
 @dataclass
 class Segment:
     id: str
@@ -216,8 +214,6 @@ def load_annotations(root, splits=("train", "validation")):
 
 # -----------------------------------------------------------------------------
 # clips
-
-
 def find_video(video_root, video_id):
     """[(file, start offset in s)] for the original, flat or AVION-chunked layout, or a relative file path;
     clear error if none."""
@@ -329,8 +325,6 @@ def preprocess_frames(frames, size, mean, std):
 
 # -----------------------------------------------------------------------------
 # files: atomic writes, JSONL, one process per output folder
-
-
 def write_atomic(path, text):
     """Write the whole file or nothing: a crash never leaves half a file behind."""
     path = Path(path)
@@ -390,8 +384,6 @@ def lock_folder(folder):
 #
 # captions (the authors' GPT-4o annotations, in this simple form): {"<narration_id>": {"caption": str,
 # "qa": [[question, answer], ...]}}. Replay: LLaVA conversation JSON, read with read_replay.
-
-
 def mqa_question(options, style="official", perspective="ego", priors=None):
     """A multiple-choice question over `options`; with priors [(seconds ago, text)] x 2, oldest first, the
     prior-action form (texts, not classes, so SAP can pass the model's own predictions). official: the prefix,
@@ -522,8 +514,6 @@ def build_training_samples(ann, split, mqa_rows, rng, style="official", perspect
 
 # -----------------------------------------------------------------------------
 # model inputs: token ids with loss masks, a Dataset that decodes clips in DataLoader workers, and collate
-
-
 def encode_conversation(tokenizer, question, answer, n_video_tokens, n_action_tokens, turns=(), supervise="official"):
     """ChatML ids and labels, as the authors' Qwen template lays them out:
         <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
@@ -631,7 +621,6 @@ def collate(items, pad_id):
 
 # -----------------------------------------------------------------------------
 # toy kitchens: EPIC-shaped data whose actions a tiny model can see (noun = colour and shape, verb = motion)
-
 TOY_VERBS = ["take", "put", "wash", "open", "close", "cut"]
 TOY_NOUNS = ["plate", "knife", "cup", "pan", "bowl", "lid", "spoon", "maker:coffee"]
 TOY_COLOURS = np.array([[240, 240, 240], [40, 200, 230], [230, 40, 40], [250, 200, 30],

@@ -51,10 +51,9 @@ PLOTS = {"per_verb": "accuracy per verb", "per_noun": "accuracy per noun",
          "by_difficulty": "accuracy by difficulty level"}  # metrics.json keys (figure 8, table 8)
 PLOT_WIDTH, PLOT_ROW, PLOT_HEADER = 800, 16, 28  # metric plots: height = PLOT_HEADER + PLOT_ROW * bars + 8
 
+
 # -----------------------------------------------------------------------------
 # samples to evaluate, one dict per segment
-
-
 def benchmark_rows(path, root):
     """EK100-MQA rows as mine.py writes them; the option actions map a letter back to verb and noun."""
     if not Path(path).exists():
@@ -103,10 +102,9 @@ def ask(rows, args):
                          else data.mqa_question(r["options"], args.prompt_style, args.perspective))
     return rows
 
+
 # -----------------------------------------------------------------------------
 # prediction files: append line by line, resume, merge
-
-
 def read_predictions(folder):
     """id -> prediction from the merged file and every rank's shard; a line cut short by a kill is dropped, and a
     skipped sample's old row never hides the prediction a rerun made for it on another rank."""
@@ -145,10 +143,9 @@ def merge_predictions(folder, rows):
         path.unlink()
     return preds
 
+
 # -----------------------------------------------------------------------------
 # batches and scoring
-
-
 def plan_batches(rows, done, rank, world, batch_size, sap, style):
     """This rank's batches (lists of row indices) over the rows without a prediction (skipped ones are retried).
     Plain: rows dealt round-robin. SAP: whole videos dealt round-robin, and wave t (each video's t-th unfinished
@@ -242,10 +239,9 @@ def prediction_row(row, item, frames, scores, generated, vocab, mode, priors):
         pred["priors"] = priors
     return pred
 
+
 # -----------------------------------------------------------------------------
 # metrics and their plots
-
-
 def read_tail_classes(root):
     """EPIC-100's tail verb and noun ids (a header line, then one id a line); None when the files are absent."""
     paths = [Path(root) / name for name in data.TAIL_FILES]
@@ -346,10 +342,9 @@ def plot_metrics(metrics_path, out):
             written.append(path)
     return written
 
+
 # -----------------------------------------------------------------------------
 # one --frames setting end to end
-
-
 def evaluate_setting(model, rows, folder, frames, vocab, args, rank=0, world=1):
     """Predict what is not yet in `folder` (skipped samples again), this rank's share, appending line by line;
     rank 0 merges the shards and returns the predictions (other ranks None)."""

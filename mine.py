@@ -27,10 +27,9 @@ K = 5                             # EK100-MQA's options: the truth and 4 distrac
 TOY_DRAWS = 8                     # the toy's training MQA: drawn 8 times from AVION's top 2(K-1)
 TOY_TRAIN = f"train_mqa_avion_k{K}_pool{2 * (K - 1)}_x{TOY_DRAWS}.jsonl"
 
+
 # -----------------------------------------------------------------------------
 # score files: .npz / .pt / ranked JSON / .pkl -> (ids, scores), then aligned to a split's segments
-
-
 def load_score_file(path, ann=None, split=None, trust_pickle=False):
     """Read (ids, scores (M, A) float32) from any supported form; the ranked JSON needs the split to name rows."""
     path = Path(path)
@@ -115,10 +114,9 @@ def read_scores(path, ann, split, trust_pickle=False):
     ids, scores = load_score_file(path, ann, split, trust_pickle)
     return align_scores(ids, scores, ann, split, path)
 
+
 # -----------------------------------------------------------------------------
 # mining core: arrays in, arrays out
-
-
 def ranked_top(scores, m):
     """(N, m) action ids of the m highest scores, best first (ties: lower id first). argpartition: O(A) per row."""
     n_rows, n_classes = scores.shape
@@ -160,10 +158,9 @@ def random_scores(ann, n_rows, text, rng):
         scores[:, ~has] = -np.inf
     return scores
 
+
 # -----------------------------------------------------------------------------
 # option texts and rows
-
-
 def option_texts(ann, segs, options, truth, text, rng):
     """Texts of the (N, K) option classes: a narration drawn uniformly from the class (its label when it has
     none) or the label; the truth's text is the segment's own narration. Repeated strings are replaced."""
@@ -257,10 +254,9 @@ def mine_toy(root):
         scores = read_scores(root / "scores" / "tim_validation.npz", ann, "validation")
         data.write_jsonl_atomic(root / data.BENCHMARK, mine(ann, "validation", scores, k=K))
 
+
 # -----------------------------------------------------------------------------
 # compare two recognizers (appendix D)
-
-
 def probabilities(scores):
     """Softmax over classes (float64), unless the rows already are probabilities (nonnegative, summing to 1)."""
     scores = scores.astype(np.float64)

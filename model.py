@@ -35,7 +35,6 @@ from data import ACTION_TOKEN, IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN
 
 # -----------------------------------------------------------------------------
 # shapes for --random-init (no hub here) and the base table
-
 SIGLIP_SO400M_ID = "google/siglip-so400m-patch14-384"
 # so400m-384/14 with its last layer dropped and no head, as the authors' tower and the native class use it
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
@@ -126,7 +125,6 @@ def vision_spec(config, layout) -> VisionSpec:
 
 # -----------------------------------------------------------------------------
 # tokenizers
-
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
                r"\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer: tiny splits text where the real one does
 TINY_WORDS = """take put put-down open close wash cut mix pour throw dry move remove turn-on turn-off insert shake peel
@@ -182,7 +180,6 @@ def base_tokenizer(base, tokenizer=None):
 
 # -----------------------------------------------------------------------------
 # the LLaVA-NeXT format: checks, config, key map, conversion
-
 NEXT_SUPPORTED = {  # config field: (value when absent, values this converter reads exactly)
     "mm_projector_type": ("mlp2x_gelu", {"mlp2x_gelu"}),
     "mm_spatial_pool_mode": ("bilinear", {"bilinear"}),
@@ -377,8 +374,6 @@ def resolve(name, cache=None):
 
 # -----------------------------------------------------------------------------
 # loading a base
-
-
 def base_config(base, tokenizer):
     """A config in code for `tiny` and for --random-init of a real alias; placeholder ids from the tokenizer."""
     vision, text = (TINY_VISION, dict(TINY_TEXT, vocab_size=64 * math.ceil(len(tokenizer) / 64))) if base == "tiny" \
@@ -441,8 +436,6 @@ def freeze_unused(llava):
 
 # -----------------------------------------------------------------------------
 # the action token, its heads, and the video in either layout
-
-
 class ActionLLaVA(nn.Module):
     """LLaVA plus learnable action tokens whose final states are supervised by verb/noun/action heads."""
 

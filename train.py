@@ -51,8 +51,6 @@ TOY_EXPECTATION = ("\nOn the toy, expect the option texts well above chance and 
 
 # -----------------------------------------------------------------------------
 # data
-
-
 def training_rows(args, ann):
     """The task mix of data.build_training_samples in the run's prompt style; the same on every rank."""
     mqa = [r for f in args.train_file for r in data.read_jsonl(f)]
@@ -71,10 +69,9 @@ def epoch_batches(n_rows, epoch, steps, args, rank, world, start):
     micro = perm.reshape(steps, world, args.grad_accum, -1)[start:, rank]
     return micro.reshape(-1, micro.shape[-1]).tolist()
 
+
 # -----------------------------------------------------------------------------
 # model, optimizer, schedule
-
-
 def parallelize(model, args, device):
     """FSDP2: one unit per decoder and per vision encoder layer, then the root; bf16 compute with fp32 gradient
     reduction on GPU. Every parameter gets a gradient on every step (model.py runs the tower on text-only batches),
@@ -118,10 +115,9 @@ def default_peak_tflops(device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((v for k, v in {"H100": 989.0, "H200": 989.0, "A100": 312.0}.items() if k in name), None)
 
+
 # -----------------------------------------------------------------------------
 # checkpoints: DCP (sharded model + optimizer) with the position and RNG, and the plain exported model
-
-
 def rng_state():
     _, key, pos, has_gauss, gauss = np.random.get_state()
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -178,10 +174,9 @@ def export(model, out, dtype, rank):
         twin.save(out)
     dist.barrier()
 
+
 # -----------------------------------------------------------------------------
 # the in-training MQA check, the step's statistics, the run folder
-
-
 @torch.no_grad()
 def evaluate_mqa(raw, rows, args, autocast):
     """MQA accuracy of the training model, the options read by letter and by text (structured.py). Each rank
@@ -326,10 +321,9 @@ def open_run(args, raw, opt, rank, say):
         data.write_atomic(out / "log.jsonl", "".join(line + "\n" for line in kept) if args.resume else "")
     return state, out / "log.jsonl"
 
+
 # -----------------------------------------------------------------------------
 # flags: the parser, the toy preset, and the layers of defaults
-
-
 def build_parser():
     """Every flag with the paper's default; --data toy and --resume layer their own defaults on top."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -435,10 +429,9 @@ def resolve_args(argv):
         parser.error("need --annotations and --train-file (or --data toy)")
     return args, {k: v for k, v in preset.items() if getattr(args, k) == v}
 
+
 # -----------------------------------------------------------------------------
 # training
-
-
 def main(argv):
     args, preset = resolve_args(argv)
     rank, world, device = init_distributed(timeout_minutes=60)
