@@ -17,12 +17,10 @@ Text-visual correlation (paper): attention of the T text rows to the V visual co
 heads, one layer or the mean over layers), max over text -> N x V, then mean and 90th percentile over all N x V.
 Text-action: the same with the action column (N x T x 1), max over text, mean over N (with three action tokens,
 the mean of their three maxima); and the share of the N x V visual values below their sample's action value.
-The rows are recomputed by hooks on the attention modules: B x heads x T x L scores at a time, never L x L.
 """
 import argparse
 import math
 import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +35,9 @@ import structured
 MAP_TITLE, MAP_COLUMNS = 20, 8  # attention-map images: title band in pixels, frames per row
 
 
-# -----------------------------------------------------------------------------
-# attention of the text rows, recomputed from the attention modules' inputs
+# attention of the text rows, recomputed from the attention modules' inputs ---
 def prompt_positions(ids, video_id, action_id, n_action):
-    """(first visual position, V, first text position): the same for every row, since the chat prefix and the
-    frame count are shared and padding is on the right."""
+    """(first visual position, V, first text position), alike in all rows: shared prefix and frames, right padding."""
     video = ids == video_id
     first, n_visual = int(video[0].nonzero()[0]), int(video[0].sum())
     start = first + n_visual
@@ -51,9 +47,9 @@ def prompt_positions(ids, video_id, action_id, n_action):
 
 
 def text_attention(m, batch, layers):
-    """Head-averaged softmax(q k^T / sqrt(d) + causal mask) of the text rows against all keys, recomputed in
-    forward hooks from each chosen layer's hidden_states and position_embeddings (RoPE, GQA as in Qwen2Attention),
-    averaged over the layers; returns (B, T_max, V + A) for the visual and action columns, and the positions."""
+    """Layer- and head-averaged softmax(q k^T / sqrt(d) + causal mask) of the text rows against all keys, recomputed in
+    hooks from the chosen layers' inputs (RoPE, GQA as in Qwen2Attention; B x heads x T x L at a time, never L x L);
+    returns it as (B, T_max, V + A), the last hidden state and the positions."""
     from transformers.models.qwen2.modeling_qwen2 import repeat_kv, rotate_half  # here: a slow import for --help
 
     inputs = m.lm_inputs(batch)
@@ -104,27 +100,21 @@ def statistics(text_max, n_visual):
     return stats
 
 
-def collate_readable(items, pad_id):
-    """data.collate of the items whose clip could be read (--skip-bad), None if none could."""
-    good = [x for x in items if x["bad"] is None]
-    return data.collate(good, pad_id) if good else None
-
-
 @torch.inference_mode()
 def analyse(m, rows, args, desc):
-    """Run the benchmark rows through the model in batches: statistics, answer rows, the chosen options and the
-    indices of the rows analysed (all but unreadable clips under --skip-bad)."""
+    """Statistics, answer-position rows, chosen options, and the indices of the rows analysed (their clips read)."""
     dataset = data.TaskDataset(rows, args.video_root, m.tokenizer, m.spec, args.frames, m.cfg.action_tokens,
                                time_prompt=m.cfg.time_instruction, with_answer=False, skip_bad=args.skip_bad)
-    loader = torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=partial(collate_readable, pad_id=m.tokenizer.pad_token_id))
+    loader = torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.num_workers, collate_fn=list)
     n_layers = m.llava.config.text_config.num_hidden_layers
     layers = range(n_layers) if args.layer == "mean" else [int(args.layer.replace("last", "-1")) % n_layers]
     letters = structured.letter_token_ids(m.tokenizer, len(rows[0]["options"])).to(m.llava.device)
     text_max, answer, chosen, kept = [], [], [], []
-    for batch in tqdm(loader, desc=desc):
-        if batch is None:
+    for items in tqdm(loader, desc=desc):
+        items = [x for x in items if x["bad"] is None]
+        if not items:
             continue
+        batch = data.collate(items, m.tokenizer.pad_token_id)
         kept += batch["index"].tolist()
         att, hidden, (_, n_visual, text) = text_attention(m, batch, layers)
         top, last_row = reduce_rows(att, batch["attention_mask"].to(att.device), text)
@@ -136,12 +126,10 @@ def analyse(m, rows, args, desc):
     return statistics(torch.cat(text_max), n_visual), torch.cat(answer), chosen, kept
 
 
-# -----------------------------------------------------------------------------
-# attention maps over the frames
+# attention maps over the frames ----------------------------------------------
 def frame_maps(answer_row, n_frames, spec, frame_hw):
-    """(T, H, W) maps of the answer position's attention to the T x g x g frame tokens (newlines left out: the
-    grid layout's after every row, the hf layout's after the video), normalised per clip to sum to 1 and resized
-    to the frame size keeping each frame's share: maps.sum() = 1 and maps[t].sum() = the share of frame t."""
+    """(T, H, W) maps of the answer position's attention to the T x g x g frame tokens (not the newlines: the grid
+    layout's after each row, the hf layout's after the video); maps.sum() = 1, maps[t].sum() = frame t's share."""
     g = spec.grid  # pooled tokens are row-major on a g x g grid per frame
     grid = answer_row[:n_frames * spec.tokens_per_frame].double().reshape(n_frames, 1, g, -1)[..., :g]
     grid = grid / grid.sum()
@@ -155,8 +143,7 @@ def heat(x):
 
 
 def draw_maps(frames, maps, title, path):
-    """Frames in rows of MAP_COLUMNS with the maps laid over them, coloured from the clip's lowest value (blue) to
-    its highest (red), the title above."""
+    """Frames in rows of MAP_COLUMNS under the title, overlaid with the maps from the clip's min (blue) to max (red)."""
     from PIL import Image, ImageDraw
 
     t, h, w, _ = frames.shape
@@ -170,11 +157,9 @@ def draw_maps(frames, maps, title, path):
     image.save(path)
 
 
-# -----------------------------------------------------------------------------
-# one model's statistics and maps, printed beside another's
+# one model's statistics and maps, printed beside another's -------------------
 def run(m, ckpt, rows, args, suffix=""):
-    """Statistics of one model over the rows (asked in its prompt style); with --maps, one PNG per clip in
-    {out}/maps."""
+    """Statistics of one model over the rows (asked in its prompt style); with --maps, a PNG per clip in {out}/maps."""
     rows = [dict(r, question=data.mqa_question(r["options"], m.cfg.prompt_style, m.cfg.perspective)) for r in rows]
     stats, answer, chosen, kept = analyse(m, rows, args, desc=str(ckpt))
     skipped, rows = len(rows) - len(kept), [rows[i] for i in kept]
@@ -191,49 +176,38 @@ def run(m, ckpt, rows, args, suffix=""):
                 accuracy=float(np.mean([c == r.get("answer_index") for c, r in zip(chosen, rows)])))
 
 
-def print_stats(results):
-    """One column per model."""
-    keys = ["n", "skipped_bad", "accuracy", "text_visual_mean", "text_visual_p90", "text_action_mean",
-            "share_visual_below_action"]
-    print(f"{'':28s}" + "".join(f"{r['ckpt'][-24:]:>26s}" for r in results))
-    for key in keys:
-        print(f"{key:28s}" + "".join(f"{r[key]:>26.4g}" if key in r else f"{'n/a':>26s}" for r in results))
-
-
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default="runs/toy", help="a train.py run, an alias (model.py), a folder or hub id")
-    parser.add_argument("--compare", help="a second checkpoint or alias, statistics printed side by side")
-    parser.add_argument("--annotations", default="toy", help="annotation root of the benchmark and its videos")
-    parser.add_argument("--benchmark", default=None,
-                        help=f"MQA JSONL (mine.py); default {{annotations}}/{data.BENCHMARK}")
-    parser.add_argument("--video-root", default=None, help="default {annotations}/videos")
-    parser.add_argument("--limit", type=int, default=200, help="the first N rows of the benchmark")
-    parser.add_argument("--clip", action="append", help="only this sample id (repeatable); --limit then ignored")
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--layer", default="last", help="'last', a layer index (negative counts back) or 'mean'")
-    parser.add_argument("--maps", action="store_true", help="write {out}/maps/{id}.png for every selected clip")
-    parser.add_argument("--skip-bad", action="store_true", help="leave out (and count) clips that cannot be read")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
-                        help="DataLoader workers decoding the clips (default: cores / (4 x ranks), at most 4)")
-    parser.add_argument("--action-tokens", type=int, choices=[0, 1, 3], default=1,
-                        help="for a base without heads (a checkpoint with heads has its own)")
-    model_lib.add_load_flags(parser)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="bf16 on a GPU, fp32 on the CPU (as evaluate.py)")
-    parser.add_argument("--out", help="default: {ckpt}/attention, {ckpt}/attention/clips with --clip")
-    args = parser.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="runs/toy", help="a train.py run, an alias (model.py), a folder or hub id")
+    p.add_argument("--compare", help="a second checkpoint or alias, statistics printed side by side")
+    p.add_argument("--annotations", default="toy", help="annotation root of the benchmark and its videos")
+    p.add_argument("--benchmark", help=f"MQA JSONL (mine.py); default {{annotations}}/{data.BENCHMARK}")
+    p.add_argument("--video-root", help="default {annotations}/videos")
+    p.add_argument("--limit", type=int, default=200, help="the first N rows of the benchmark")
+    p.add_argument("--clip", action="append", help="only this sample id (repeatable); --limit then ignored")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--layer", default="last", help="'last', a layer index (negative counts back) or 'mean'")
+    p.add_argument("--maps", action="store_true", help="write {out}/maps/{id}.png for every selected clip")
+    p.add_argument("--skip-bad", action="store_true", help="leave out (and count) clips that cannot be read")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
+                   help="DataLoader workers decoding the clips (default: cores / (4 x ranks), at most 4)")
+    p.add_argument("--action-tokens", type=int, choices=[0, 1, 3], default=1,
+                   help="for a base without heads (a checkpoint with heads has its own)")
+    model_lib.add_load_flags(p)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="bf16 on GPU, fp32 on CPU")
+    p.add_argument("--out", help="default: {ckpt}/attention, {ckpt}/attention/clips with --clip")
+    args = p.parse_args(argv)
     args.benchmark = args.benchmark or str(Path(args.annotations) / data.BENCHMARK)
     args.video_root = args.video_root or str(Path(args.annotations) / "videos")
     if args.limit < 1:
-        parser.error(f"--limit {args.limit}: no rows to analyse")
+        p.error(f"--limit {args.limit}: no rows to analyse")
     rows = data.read_jsonl(args.benchmark)
     rows = [r for r in rows if r["id"] in set(args.clip)] if args.clip else rows[:args.limit]
     if args.clip and len(rows) != len(set(args.clip)):
-        parser.error(f"--clip: {sorted(set(args.clip) - {r['id'] for r in rows})} not in {args.benchmark}")
+        p.error(f"--clip: {sorted(set(args.clip) - {r['id'] for r in rows})} not in {args.benchmark}")
     if not rows:
-        parser.error(f"no rows selected from {args.benchmark}: it is empty")
+        p.error(f"no rows selected from {args.benchmark}: it is empty")
     args.out = args.out or str(model_lib.results_folder(args.ckpt) / "attention" / ("clips" if args.clip else ""))
     models = [(ckpt, model_lib.load_for_eval(ckpt, torch.device(args.device), args.random_init, args.tokenizer,
                                              args.cache, args.action_tokens))
@@ -241,7 +215,10 @@ def main(argv):
     data.lock_folder(args.out)  # inputs all loaded: from here on this run owns {out}
     data.write_json_atomic(Path(args.out) / "args.json", vars(args))
     results = [run(m, ckpt, rows, args, "_compare" if k else "") for k, (ckpt, m) in enumerate(models)]
-    print_stats(results)
+    print(f"{'':28s}" + "".join(f"{r['ckpt'][-24:]:>26s}" for r in results))  # a column per model
+    for key in ["n", "skipped_bad", "accuracy", "text_visual_mean", "text_visual_p90", "text_action_mean",
+                "share_visual_below_action"]:
+        print(f"{key:28s}" + "".join(f"{r[key]:>26.4g}" if key in r else f"{'n/a':>26s}" for r in results))
     data.write_json_atomic(Path(args.out) / "stats.json", results if args.compare else results[0])
     print(f"wrote {args.out}/stats.json")
 

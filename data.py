@@ -1,12 +1,11 @@
 """EPIC-KITCHENS-100 data: annotations, action ids, clips, the training tasks and their prompts, model inputs.
 
-Everything that knows about files on disk lives here; models, losses and metrics do not (no model import, and
-torch only where tensors are made). The story: annotation CSVs -> Segments and an ActionVocab (action ids as the
-community numbers them) -> clips decoded with decord -> task samples (MQA, prior actions, temporal detection, ...)
--> token ids, a torch Dataset and collate -> the toy kitchen, an EPIC-shaped data set every other file runs on
-(`python data.py toy --out toy`).
+Everything that knows about files on disk lives here (no model import; torch only where tensors are made):
+annotation CSVs -> Segments and an ActionVocab (action ids as the community numbers them) -> clips decoded with
+decord -> task samples (MQA, prior actions, temporal detection, ...) -> token ids, a torch Dataset and collate ->
+the toy kitchen, an EPIC-shaped data set every other file runs on (`python data.py toy --out toy`).
 
-Prompts come in two styles. `official` (the default) is what the authors' code feeds the model and so what their
+Prompts come in two styles: `official` (the default) is what the authors' code feeds the model, so what their
 released checkpoints and the LLaVA-Video base saw; `paper` is the wording of the paper's appendix C.
 """
 import argparse
@@ -23,19 +22,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
-# tokens and prompts, verbatim (spaces included) from the authors' code for the official style
+# tokens and prompts, verbatim (spaces included) from the authors' code for the official style ---
 VIDEO_TOKEN, IMAGE_TOKEN, ACTION_TOKEN = "<video>", "<image>", "<action>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML turn markers of the Qwen2 tokenizer
 SYSTEM_PROMPT = "You are a helpful assistant."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 STYLES = ("official", "paper")
 SUPERVISION = ("official", "answers")  # the targets of a training conversation: see encode_conversation
-PERSPECTIVES = {  # the ego prefix ends with a space, the allocentric one does not (as released)
-    "ego": "You are seeing this video from egocentric view and you are the person. Your hands are sometimes "
-           "interacting with objects. What action are you doing? ",
-    "allo": "The video is taken from egocentric view. The person's hands are sometimes interacting with objects. "
-            "What action is the person doing?"}
+PERSPECTIVES = {"ego": "You are seeing this video from egocentric view and you are the person. Your hands are "
+                       "sometimes interacting with objects. What action are you doing? ",
+                "allo": "The video is taken from egocentric view. The person's hands are sometimes interacting with "
+                        "objects. What action is the person doing?"}  # ego ends with a space, allo not (as released)
 MQA_INSTRUCTION = "Given multiple choices, format your answer briefly such as 'A. move knife'. "
 MQA_OPTIONS = "Here are the options of actions you are selecting:\n"
 PRIOR_PROMPT = ("{t2} seconds ago, you started an action {a2}. {t1} seconds ago, you started an action {a1}. "
@@ -60,15 +57,15 @@ SEGMENT_COLUMNS = ("video_id", "start_timestamp", "stop_timestamp", "narration",
 VIDEO_SUFFIXES = (".MP4", ".mp4")
 PAST_END = "starts after the video ends"  # load_clip's reason for a clip outside its video
 MAX_READERS = 4  # open decord readers per process
-# A decord reader keeps two threads busy while it decodes (the caller waits on its decoder thread actively): with
-# more decoding processes than cores/2 they starve each other (two on 2 cores: 2.3 -> 36 ms a clip). Hence the
-# default DataLoader workers per rank: cores / (4 x ranks on the node), at most 4; 4 for one rank on a 16-core GPU
-# host, 0 (decode in the main process) on a 2-core CPU.
+_READERS = {}  # (pid, path, size) -> decord reader: opening and seeking a long video costs more than a clip's decode
+_WARNED = set()  # files whose first frame is not stamped 0: warned once per process
+_LOCKS = {}  # folder -> its open lock file (lock_folder): held until the process ends
+# A decord reader keeps two threads busy while decoding (its caller waits actively): more decoding processes than
+# cores/2 starve each other (two on 2 cores: 2.3 -> 36 ms a clip). So DataLoader workers per rank (0: main process):
 DEFAULT_WORKERS = min(4, (os.cpu_count() or 1) // (4 * int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
-# -----------------------------------------------------------------------------
-# annotations and action ids
+# annotations and action ids --------------------------------------------------
 @dataclass
 class Segment:
     id: str
@@ -121,14 +118,13 @@ def parse_time(value):
 
 
 def label_text(verb_key, noun_key):
-    """'put-down', 'machine:sous:vide' -> 'put-down sous vide machine': the noun key's first part moves to the end,
-    as the authors build labels ('maker:coffee' -> 'coffee maker'); verbs keep their hyphen."""
+    """'put-down', 'machine:sous:vide' -> 'put-down sous vide machine', as the authors build labels."""
     parts = noun_key.split(":")
     return f"{verb_key} {' '.join(parts[1:] + parts[:1])}"
 
 
 def read_csv_rows(path, columns):
-    """(fieldnames, rows) of a CSV that must have `columns`; an empty file or one with only a header is an error."""
+    """The rows of a CSV that must have `columns`; an empty file or one with only a header is an error."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         rows, fieldnames = list(reader), reader.fieldnames
@@ -167,21 +163,6 @@ def read_segments(path):
     return segments
 
 
-def build_action_vocab(pairs, verbs, nouns):
-    """Action ids as TIM, AVION and RULSTM number them: distinct 'verb:noun' strings sorted as strings."""
-    keys = sorted({f"{v}:{n}" for v, n in pairs})
-    arr = np.array([[int(x) for x in k.split(":")] for k in keys], dtype=np.int64).reshape(-1, 2)
-    return ActionVocab(verbs, nouns, arr)
-
-
-def read_actions_csv(path, verbs, nouns):
-    rows = read_csv_rows(path, ("id", "verb_class", "noun_class"))
-    if [int(r["id"]) for r in rows] != list(range(len(rows))):
-        raise ValueError(f"{path}: ids must be 0..{len(rows) - 1} in order")
-    pairs = np.array([[int(r["verb_class"]), int(r["noun_class"])] for r in rows], dtype=np.int64).reshape(-1, 2)
-    return ActionVocab(verbs, nouns, pairs)
-
-
 def load_annotations(root, splits=("train", "validation")):
     """Load the splits that exist under root; action ids from root/actions.csv, written on first use."""
     root = Path(root)
@@ -195,9 +176,14 @@ def load_annotations(root, splits=("train", "validation")):
                 raise ValueError(f"{root / SPLIT_FILES[split]}: segment {s.id} has verb {s.verb_class} / noun "
                                  f"{s.noun_class}, outside {VERB_FILE} ({len(verbs)}) / {NOUN_FILE} ({len(nouns)})")
     if (root / ACTIONS_FILE).exists():
-        vocab = read_actions_csv(root / ACTIONS_FILE, verbs, nouns)
-    else:
-        vocab = build_action_vocab([(s.verb_class, s.noun_class) for ss in loaded.values() for s in ss], verbs, nouns)
+        rows = read_csv_rows(root / ACTIONS_FILE, ("id", "verb_class", "noun_class"))
+        if [int(r["id"]) for r in rows] != list(range(len(rows))):
+            raise ValueError(f"{root / ACTIONS_FILE}: ids must be 0..{len(rows) - 1} in order")
+        pairs = [[int(r["verb_class"]), int(r["noun_class"])] for r in rows]
+        vocab = ActionVocab(verbs, nouns, np.array(pairs, dtype=np.int64))
+    else:  # action ids as TIM, AVION and RULSTM number them: distinct 'verb:noun' strings sorted as strings
+        keys = sorted({f"{s.verb_class}:{s.noun_class}" for ss in loaded.values() for s in ss})
+        vocab = ActionVocab(verbs, nouns, np.array([[int(x) for x in k.split(":")] for k in keys], dtype=np.int64))
         write_atomic(root / ACTIONS_FILE, "id,verb_class,noun_class,label\n" + "".join(
             f"{i},{v},{n},{vocab.labels[i]}\n" for i, (v, n) in enumerate(vocab.pairs)))
     narrations = {}
@@ -212,25 +198,21 @@ def load_annotations(root, splits=("train", "validation")):
     return Annotations(root, vocab, loaded, {a: sorted(t) for a, t in narrations.items()})
 
 
-# -----------------------------------------------------------------------------
-# clips
+# clips -----------------------------------------------------------------------
 def find_video(video_root, video_id):
-    """[(file, start offset in s)] for the original, flat or AVION-chunked layout, or a relative file path;
-    clear error if none."""
+    """[(file, start offset in s)] of a video in the original, flat or AVION-chunked layout, or a relative path."""
     root = Path(video_root)
     if (root / video_id).is_file():  # a path relative to the root, as replay data (LLaVA JSON) names its videos
         return [(root / video_id, 0.0)]
     for suffix in VIDEO_SUFFIXES:
-        chunk_dir = root / f"{video_id}{suffix}"
-        if chunk_dir.is_dir():
-            chunks = sorted(chunk_dir.glob("*.[mM][pP]4"), key=lambda p: float(p.stem))
-            return [(p, float(p.stem)) for p in chunks]
-        for path in (root / f"{video_id}{suffix}", root / video_id.split("_")[0] / "videos" / f"{video_id}{suffix}"):
+        flat = root / f"{video_id}{suffix}"
+        if flat.is_dir():  # AVION's chunks, named by their start second
+            return [(p, float(p.stem)) for p in sorted(flat.glob("*.[mM][pP]4"), key=lambda p: float(p.stem))]
+        for path in (flat, root / video_id.split("_")[0] / "videos" / f"{video_id}{suffix}"):
             if path.is_file():
                 return [(path, 0.0)]
-    raise FileNotFoundError(f"video {video_id} not found under {root}: expected {root}/{video_id}.MP4 (flat), "
-                            f"{root}/{video_id.split('_')[0]}/videos/{video_id}.MP4 or {root}/{video_id}.MP4/0.MP4 "
-                            "(chunked)")
+    raise FileNotFoundError(f"video {video_id} not found under {root}: expected {root}/{video_id}.MP4 (flat), {root}/"
+                            f"{video_id.split('_')[0]}/videos/{video_id}.MP4 or {root}/{video_id}.MP4/0.MP4 (chunked)")
 
 
 def frame_times(start, end, n, jitter=False, rng=None):
@@ -239,15 +221,9 @@ def frame_times(start, end, n, jitter=False, rng=None):
     return start + (np.arange(n) + offsets) * (end - start) / n
 
 
-_READERS = {}  # (pid, path, size) -> decord reader: consecutive clips mostly come from the same long video
-_WARNED = set()  # files whose first frame is not stamped 0: warned once per process
-
-
 def open_video(path, video_id, size=None):
-    """A cached reader per process (opening and seeking a long EPIC video costs more than a clip's decode). The
-    pid in the key keeps DataLoader workers off readers inherited through fork, which must not be touched."""
+    """This process's cached reader (the pid in the key: forked DataLoader workers must not touch inherited ones)."""
     import decord  # imported here so that annotation-only tools do not need it
-
     key = (os.getpid(), str(path), tuple(size) if size else None)
     if key not in _READERS:
         try:
@@ -277,16 +253,12 @@ def video_duration(video_root, video_id):
 
 
 def load_clip(video_root, video_id, start, end, n_frames, jitter=False, rng=None, size=None):
-    """(T, H, W, 3) uint8 frames and how many sample times fell past the video's end (clamped to its last frame).
-    A clip that starts at or after the end is an error, not n copies of the last frame.
-
-    Frame indices come from the decoded file's own fps: the CSV's start_frame is at the original 59.94/50 fps.
-    `size` (h, w) lets the decoder resize, much cheaper than resizing 1080p frames afterwards.
-    """
+    """(T, H, W, 3) uint8 frames and how many sample times fell past the video's end (clamped to its last frame);
+    a clip starting at or after the end is an error. Frame indices use the decoded file's fps (the CSV's start_frame
+    is at the original 59.94/50 fps); `size` (h, w) lets the decoder resize, far cheaper than resizing afterwards."""
     times = frame_times(start, end, n_frames, jitter, rng)
     files = find_video(video_root, video_id)
-    starts = np.array([s for _, s in files])
-    which = np.clip(np.searchsorted(starts, times, side="right") - 1, 0, len(files) - 1)
+    which = np.clip(np.searchsorted([s for _, s in files], times, side="right") - 1, 0, len(files) - 1)
     frames, clamped = [None] * n_frames, 0
     for f in np.unique(which):
         path, offset = files[f]
@@ -295,10 +267,10 @@ def load_clip(video_root, video_id, start, end, n_frames, jitter=False, rng=None
         index = np.round((times[picks] - offset) * reader.get_avg_fps()).astype(np.int64)
         last = len(reader) - 1
         if f == len(files) - 1:
-            if start >= offset + len(reader) / reader.get_avg_fps():
-                raise RuntimeError(f"clip {start:.2f}-{end:.2f} s of {video_id} {PAST_END} "
-                                   f"({offset + len(reader) / reader.get_avg_fps():.2f} s in {path}); fix the "
-                                   "row's times or pass --skip-bad")
+            video_end = offset + len(reader) / reader.get_avg_fps()
+            if start >= video_end:
+                raise RuntimeError(f"clip {start:.2f}-{end:.2f} s of {video_id} {PAST_END} ({video_end:.2f} s in "
+                                   f"{path}); fix the row's times or pass --skip-bad")
             clamped += int((index > last).sum())
         try:
             batch = reader.get_batch(np.clip(index, 0, last).tolist()).asnumpy()
@@ -315,7 +287,6 @@ def preprocess_frames(frames, size, mean, std):
     not run beside the CPU torch of CI): bicubic resize with antialias, /255, normalised with the tower's mean/std."""
     import torch
     import torch.nn.functional as F
-
     x = torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2).float()
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
@@ -323,8 +294,7 @@ def preprocess_frames(frames, size, mean, std):
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-# -----------------------------------------------------------------------------
-# files: atomic writes, JSONL, one process per output folder
+# files: atomic writes, JSONL, one process per output folder ------------------
 def write_atomic(path, text):
     """Write the whole file or nothing: a crash never leaves half a file behind."""
     path = Path(path)
@@ -354,14 +324,9 @@ def read_jsonl(path):
     return rows
 
 
-_LOCKS = {}  # folder -> its open lock file: held until the process ends
-
-
 def lock_folder(folder):
-    """Make `folder` and hold an exclusive OS lock on folder/.lock for the rest of this process: it dies with the
-    process, so it is never stale. A second process is refused with the holder's PID and command."""
+    """Make `folder` and hold an OS lock on folder/.lock while this process lives (never stale): one run per folder."""
     import fcntl
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if folder.resolve() in _LOCKS:  # this process holds it already (a second run from Python)
@@ -374,20 +339,16 @@ def lock_folder(folder):
         raise RuntimeError(f"{folder} is in use by another run ({f.read().strip() or 'pid unknown'}); wait for it "
                            "to end or pass another --out") from None
     f.truncate(0)
-    f.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
-    f.flush()
+    print(f"pid {os.getpid()}: {' '.join(sys.argv)}", file=f, flush=True)
     _LOCKS[folder.resolve()] = f
 
 
-# -----------------------------------------------------------------------------
-# training tasks (paper section 3.3) in either prompt style
-#
+# training tasks (paper section 3.3) in either prompt style -------------------
 # captions (the authors' GPT-4o annotations, in this simple form): {"<narration_id>": {"caption": str,
 # "qa": [[question, answer], ...]}}. Replay: LLaVA conversation JSON, read with read_replay.
 def mqa_question(options, style="official", perspective="ego", priors=None):
-    """A multiple-choice question over `options`; with priors [(seconds ago, text)] x 2, oldest first, the
-    prior-action form (texts, not classes, so SAP can pass the model's own predictions). official: the prefix,
-    the instruction and the options 'A. text' joined by ', ' on one line; paper: one option a line."""
+    """A multiple-choice question over `options` ('A. text', on one line in official, one a line in paper); with
+    priors [(seconds ago, text)] x 2, oldest first, the prior-action form (texts, so SAP can pass its predictions)."""
     prefix, lettered = PERSPECTIVES[perspective], [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
     if priors:
         (t2, a2), (t1, a1) = priors
@@ -408,18 +369,15 @@ def caption_question(style="official", perspective="ego"):
 
 
 def previous_actions(rows, style="official"):
-    """(video id -> its row indices in time order, row index -> the indices of its two prior actions). rows:
-    dicts with video_id, start, end. official (the authors' rule): a video's segments by end time, and a segment
-    has priors only where both gaps (one segment's end to the next one's start) are at most PRIOR_MAX_GAP;
-    paper: by start time, any two predecessors."""
-    videos = {}
+    """(video id -> its row indices in time order, row index -> the indices of its two prior actions); rows are
+    dicts with video_id, start, end. official (the authors' rule): a video's segments by end time, with priors only
+    where both gaps (one segment's end to the next one's start) are at most PRIOR_MAX_GAP; paper: by start, any two."""
+    videos, before = {}, {}
     for i, r in enumerate(rows):
         videos.setdefault(r["video_id"], []).append(i)
-    order = (lambda i: (rows[i]["end"], rows[i]["start"])) if style == "official" else (
-        lambda i: (rows[i]["start"], rows[i]["end"]))
-    before = {}
+    first, then = ("end", "start") if style == "official" else ("start", "end")
     for idx in videos.values():
-        idx.sort(key=order)
+        idx.sort(key=lambda i: (rows[i][first], rows[i][then]))
         for k in range(2, len(idx)):
             a, b, c = (rows[j] for j in idx[k - 2:k + 1])
             if style != "official" or max(b["start"] - a["end"], c["start"] - b["end"]) <= PRIOR_MAX_GAP:
@@ -436,33 +394,29 @@ def segment_row(s, task, question, answer, **extra):
 
 def temporal_row(s, rng, form="paper"):
     """Temporal detection: the clip is the action padded by TEMPORAL_FORMS[form] seconds, alpha ~ U(0, 1) of it
-    before and the rest after (clipped at 0); the answer is where the action lies in the clip. paper: 3 s,
-    'start: end' with 2 decimals; official (the authors' code): 5 s, 'start, end' as str(round(x, 2))."""
+    before and the rest after (clipped at 0); the answer is where the action lies in the clip, in `form`'s format."""
     pad, alpha = TEMPORAL_FORMS[form], rng.uniform()
     clip_start, clip_end = max(0.0, s.start - alpha * pad), s.end + (1 - alpha) * pad
     a, b, duration = s.start - clip_start, s.end - clip_start, s.end - s.start
-    if form == "official":
-        answer, duration = f"{round(a, 2)}, {round(b, 2)}", round(duration, 2)
-    else:
-        answer, duration = f"{a:.2f}: {b:.2f}", f"{duration:.2f}"
-    row = segment_row(s, "temporal", TEMPORAL_PROMPT.format(action=s.narration, duration=duration), answer,
-                      action_start=a, action_end=b)
-    row.update(start=clip_start, end=clip_end)
-    return row
+    official = form == "official"  # the authors' code: 'start, end' as str(round(x, 2)); paper: 'start: end'
+    answer = f"{round(a, 2)}, {round(b, 2)}" if official else f"{a:.2f}: {b:.2f}"
+    duration = round(duration, 2) if official else f"{duration:.2f}"
+    question = TEMPORAL_PROMPT.format(action=s.narration, duration=duration)
+    row = segment_row(s, "temporal", question, answer, action_start=a, action_end=b)
+    return dict(row, start=clip_start, end=clip_end)
 
 
 def read_replay(path, video_root=None):
     """LLaVA conversation JSON (LLaVA-Video-178K, ...) -> replay rows: the whole video (end None) or text only,
     every gpt turn supervised. Videos are paths relative to video_root (default: the JSON's folder)."""
-    path = Path(path)
-    rows = []
+    path, rows = Path(path), []
     for i, item in enumerate(json.loads(path.read_text())):
         turns = item.get("conversations", [])
         if "image" in item or not turns or [t["from"] for t in turns] != ["human", "gpt"] * (len(turns) // 2):
             raise ValueError(f"{path}, item {i}: expected a video or text sample whose conversations alternate "
                              "human, gpt (image samples are not supported)")
-        pairs = [[re.sub(r"<(image|video)>\n?", "", q["value"]).strip(), a["value"]] for q, a in
-                 zip(turns[::2], turns[1::2])]
+        questions = [re.sub(r"<(image|video)>\n?", "", q["value"]).strip() for q in turns[::2]]
+        pairs = [[q, a["value"]] for q, a in zip(questions, turns[1::2])]
         row = {"id": str(item.get("id", f"{path.stem}_{i}")), "task": "replay", "question": pairs[0][0],
                "answer": pairs[0][1], "turns": pairs[1:]}
         if "video" in item:
@@ -473,11 +427,10 @@ def read_replay(path, video_root=None):
 
 def build_training_samples(ann, split, mqa_rows, rng, style="official", perspective="ego", prior_ratio=0.3,
                            temporal="paper", direct=True, captions=None, replay=None, replay_ratio=0.0):
-    """The training mix of one split, every question in `style`. MQA rows (mined with hard distractors) are
-    re-asked from their options; prior_ratio of them, where previous_actions gives the segment two priors,
-    become prior-action MQA. Every segment adds a temporal detection row (form `temporal`, None: none) and a
-    direct prediction row, and a caption and an open-QA row where `captions` (dict or JSON path) has them.
-    Replay rows (read_replay, or a JSON path) are drawn with rng to replay_ratio x the task rows."""
+    """The training mix of one split, every question in `style`. MQA rows (mined, hard distractors) are re-asked
+    from their options; prior_ratio of those whose segment has two priors (previous_actions) become prior-action MQA.
+    Each segment adds a temporal row (form `temporal`, None: none), a direct row, and caption and open-QA rows where
+    `captions` (dict or JSON path) has them. Replay rows (a list or JSON path) are drawn to replay_ratio x the rest."""
     segments = ann.segments(split)
     by_id, (_, before) = {s.id: k for k, s in enumerate(segments)}, previous_actions([vars(s) for s in segments], style)
     rows = []
@@ -491,39 +444,34 @@ def build_training_samples(ann, split, mqa_rows, rng, style="official", perspect
             row.update(task="prior_mqa", prior_ids=[p.id for p in priors], question=mqa_question(
                 m["options"], style, perspective, [(segments[k].start - p.start, p.narration) for p in priors]))
         rows.append(row)
-    if isinstance(captions, (str, Path)):
-        captions = json.loads(Path(captions).read_text())
+    captions = json.loads(Path(captions).read_text()) if isinstance(captions, (str, Path)) else captions or {}
     for s in segments:
         if temporal:
             rows.append(temporal_row(s, rng, temporal))
         if direct:
             rows.append(segment_row(s, "direct", direct_question(style, perspective), s.narration))
-        extra = (captions or {}).get(s.id, {})
+        extra = captions.get(s.id, {})
         if extra.get("caption"):
             rows.append(segment_row(s, "caption", caption_question(style, perspective), extra["caption"]))
         if extra.get("qa"):
             (q, a), *turns = extra["qa"]
             rows.append(segment_row(s, "open_qa", q, a, turns=turns))
-    if isinstance(replay, (str, Path)):
-        replay = read_replay(replay)
+    replay = read_replay(replay) if isinstance(replay, (str, Path)) else replay
     if replay:
         n = round(replay_ratio * len(rows))
         rows += [replay[i] for i in rng.choice(len(replay), n, replace=n > len(replay))]
     return rows
 
 
-# -----------------------------------------------------------------------------
-# model inputs: token ids with loss masks, a Dataset that decodes clips in DataLoader workers, and collate
+# model inputs: token ids with loss masks, a Dataset that decodes clips in DataLoader workers, and collate ---
 def encode_conversation(tokenizer, question, answer, n_video_tokens, n_action_tokens, turns=(), supervise="official"):
     """ChatML ids and labels, as the authors' Qwen template lays them out:
         <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
         <video> x V <action> x A \\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n
-    Pieces are tokenised apart and concatenated, so placeholders go in as ids and the prompt's ids are the same
-    with or without the answer. answer None: the prompt only, ending where the answer would start, no targets.
-    turns: further [question, answer] pairs (multi-turn replay and open QA). Targets (labels other than -100):
-    supervise "answers", each answer and its <|im_end|>; "official" (the authors' code, what the released models
-    were trained with), each whole assistant turn (header and final newline too), and every <|im_start|>,
-    <|im_end|> and newline token anywhere in the conversation (the token of "\\n" alone, not " \\n" or ".\\n")."""
+    Pieces are tokenised apart: placeholders go in as ids; the prompt's ids do not depend on the answer. answer None:
+    the prompt up to the answer's start, no targets. turns: further [question, answer] pairs. Targets with supervise
+    "answers": each answer and its <|im_end|>; "official" (the authors', so the released models'): each whole assistant
+    turn (header, final newline) and every <|im_start|>, <|im_end|> and lone "\\n" token (not " \\n" or ".\\n")."""
     def tok(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -551,13 +499,10 @@ def encode_conversation(tokenizer, question, answer, n_video_tokens, n_action_to
 
 
 class TaskDataset:
-    """Rows -> model inputs for torch's DataLoader (a map-style dataset needs only __len__ and __getitem__; not
-    subclassing torch's keeps torch out of `import data` for mine.py). Clips decode here, in the workers. `spec`
-    is the model's vision spec: size, mean, std and video_tokens(n_frames). With time_prompt, video questions
-    open with the time instruction, glued to the question as the authors do. Each item's randomness (frame
-    jitter) comes from (seed, epoch, index): any number of workers, the same batches. Call set_epoch before
-    creating each epoch's iterator (persistent workers would keep an old copy). `supervise`: the targets of
-    encode_conversation."""
+    """Rows -> model inputs for torch's DataLoader (a plain class, so `import data` needs no torch); clips decode
+    here, in the workers. `spec`: the model's vision spec (size, mean, std, video_tokens(n_frames)). time_prompt:
+    video questions open with the time prompt, glued on as the authors do. Randomness comes from (seed, epoch, index):
+    any number of workers, the same batches; call set_epoch before making each epoch's iterator."""
 
     def __init__(self, rows, video_root, tokenizer, spec, n_frames, n_action_tokens=1, train=False,
                  time_prompt=False, skip_bad=False, with_answer=True, seed=0, supervise="official"):
@@ -566,7 +511,7 @@ class TaskDataset:
         self.time_prompt, self.skip_bad, self.with_answer = time_prompt, skip_bad, with_answer
         self.seed, self.epoch, self.supervise = seed, 0, supervise
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch):  # before the epoch's iterator is made: persistent workers would keep the old epoch
         self.epoch = epoch
 
     def __len__(self):
@@ -574,7 +519,6 @@ class TaskDataset:
 
     def __getitem__(self, i):
         import torch
-
         row, rng = self.rows[i], np.random.default_rng((self.seed, self.epoch, i))
         question, pixels, clamped, bad = row["question"], None, 0, None
         if "video_id" in row:
@@ -603,7 +547,6 @@ def collate(items, pad_id):
     """Right-pad to the longest row. pixel_values_videos stacks the samples that have video, in batch order
     (absent when none has): video, text-only and label-free samples mix in one batch."""
     import torch
-
     ids = torch.full((len(items), max(len(x["input_ids"]) for x in items)), pad_id, dtype=torch.long)
     labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
     for b, x in enumerate(items):
@@ -619,8 +562,7 @@ def collate(items, pad_id):
     return batch
 
 
-# -----------------------------------------------------------------------------
-# toy kitchens: EPIC-shaped data whose actions a tiny model can see (noun = colour and shape, verb = motion)
+# toy kitchens: EPIC-shaped data whose actions a tiny model can see (noun = colour and shape, verb = motion) ---
 TOY_VERBS = ["take", "put", "wash", "open", "close", "cut"]
 TOY_NOUNS = ["plate", "knife", "cup", "pan", "bowl", "lid", "spoon", "maker:coffee"]
 TOY_COLOURS = np.array([[240, 240, 240], [40, 200, 230], [230, 40, 40], [250, 200, 30],
@@ -646,19 +588,13 @@ def toy_object_mask(shape, dx, dy, r):
 
 def toy_motion(verb, u):
     """Object centre (x, y in [0, 1]) and radius scale at progress u in [0, 1] of the action."""
-    cx, cy, s = 0.5, 0.5, 1.0
-    if verb == "take": cy = 0.75 - 0.5 * u
-    elif verb == "put": cy = 0.25 + 0.5 * u
-    elif verb == "wash": cx = 0.5 + 0.25 * math.sin(4 * math.pi * u)
-    elif verb == "open": s = 0.5 + 1.0 * u
-    elif verb == "close": s = 1.5 - 1.0 * u
-    elif verb == "cut": cx = 0.2 + 0.6 * u
-    return cx, cy, s
+    return {"take": (0.5, 0.75 - 0.5 * u, 1.0), "put": (0.5, 0.25 + 0.5 * u, 1.0),
+            "wash": (0.5 + 0.25 * math.sin(4 * math.pi * u), 0.5, 1.0), "open": (0.5, 0.5, 0.5 + 1.0 * u),
+            "close": (0.5, 0.5, 1.5 - 1.0 * u), "cut": (0.2 + 0.6 * u, 0.5, 1.0)}.get(verb, (0.5, 0.5, 1.0))
 
 
 def render_toy_video(path, segments, duration, fps, size, rng):
     import av
-
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     background = (rng.integers(20, 60, size=(h // 8, w // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1))
@@ -666,16 +602,12 @@ def render_toy_video(path, segments, duration, fps, size, rng):
     stream = container.add_stream("libx264", rate=fps)
     stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
     stream.options = {"crf": "18", "preset": "ultrafast", "g": "5"}  # frequent keyframes: training seeks at random
-    seg_index = 0
     for i in range(int(round(duration * fps))):
         t, frame = i / fps, background.copy()
-        while seg_index < len(segments) and segments[seg_index][1] < t:
-            seg_index += 1
-        if seg_index < len(segments) and segments[seg_index][0] <= t:
-            start, end, verb, noun = segments[seg_index]
-            cx, cy, s = toy_motion(TOY_VERBS[verb], (t - start) / (end - start))
-            mask = toy_object_mask(TOY_SHAPES[noun], xx - cx * w, yy - cy * h, s * h / 6)
-            frame[mask] = TOY_COLOURS[noun]
+        for start, end, verb, noun in segments:  # they do not overlap: one at most is on screen
+            if start <= t <= end:
+                cx, cy, s = toy_motion(TOY_VERBS[verb], (t - start) / (end - start))
+                frame[toy_object_mask(TOY_SHAPES[noun], xx - cx * w, yy - cy * h, s * h / 6)] = TOY_COLOURS[noun]
         for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
             container.mux(packet)
     for packet in stream.encode():
@@ -749,9 +681,7 @@ def make_toy(out, videos_per_split=(12, 2), segments_per_video=60, n_actions=30,
                 {"from": "gpt", "value": first},
                 {"from": "human", "value": "And the last one?"}, {"from": "gpt", "value": last}]})
         with open(out / SPLIT_FILES[split], "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(columns)
-            w.writerows(rows)
+            csv.writer(f).writerows([columns] + rows)
     replay += [{"id": f"toy_text_{i}", "conversations": [
         {"from": "human", "value": f"What colour is a toy {label_text('', noun).strip()}?"},
         {"from": "gpt", "value": TOY_COLOUR_NAMES[i]}]} for i, noun in enumerate(TOY_NOUNS)]

@@ -8,14 +8,13 @@
     python evaluate.py --plot runs/toy/eval_mqa/metrics.json     # per-verb / per-noun / difficulty PNGs
     torchrun --nproc_per_node 8 evaluate.py --mode two_stage --ckpt MLAdaptiveIntelligence/LLaVAction-7B ...
 
-mqa asks the lettered options of a mined benchmark (mine.py); two_stage asks the same question over the
-recognizer's top-K actions (truth not added, shuffled with --seed) and maps the answer back to an action;
-multi_round scores every action label as the answer to the direct-prediction question. Options are read by
---score: letter (the next-token logits of the K letters, the paper's protocol), text (each option's text as the
-whole answer, its mean token log-likelihood: over the recognizer's top-K this is multi-round appending restricted
-to those K) or generate (greedy decoding and the first letter found, as the authors evaluate). --sap replaces the
-question with the prior-action form filled with the model's OWN two previous predictions in that video.
-Questions are rebuilt from the options in the checkpoint's prompt style and perspective, with its time instruction.
+mqa asks the lettered options of a mined benchmark (mine.py); two_stage asks them over the recognizer's top-K actions
+(truth not added, shuffled with --seed) and maps the answer back to an action; multi_round scores every action label as
+the answer to the direct-prediction question. --score reads the options by letter (the next-token logits of the K
+letters, the paper's protocol), text (each option's text as the whole answer, its mean token log-likelihood: over the
+recognizer's top-K, multi-round appending restricted to those K) or generate (greedy decoding, the first letter found,
+as the authors evaluate). --sap asks the prior-action form with the model's OWN two previous predictions in that video.
+Questions are rebuilt in the checkpoint's prompt style and perspective, with its time instruction.
 
 Each rank appends finished samples to {out}/frames{T}/predictions.rank{r}.jsonl, so a killed run resumes; rank 0
 merges them into {out}/frames{T}/predictions.jsonl and merges {out}/metrics.json (one entry per --frames setting),
@@ -24,6 +23,7 @@ with the resolved flags in {out}/args.json. One run at a time owns {out} (an OS 
 import argparse
 import csv
 import json
+import os
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -40,8 +40,7 @@ import model as model_lib
 import structured
 
 MODES, SCORES = ("mqa", "two_stage", "multi_round"), ("letter", "text", "generate")
-# flags that change what a prediction is, in every mode and in each: a resumed run must agree on them with the
-# predictions already written (and only on them: --seed cannot block resuming an mqa run)
+# flags a prediction depends on, in every mode and in each: a resume must match them, and only them (mqa: not --seed)
 RESUME_KEYS = ("mode", "ckpt", "weights", "random_init", "annotations", "prompt_style", "perspective", "time_prompt")
 MODE_KEYS = {"mqa": ("benchmark", "score", "reduce", "sap"), "multi_round": ("split", "reduce"),
              "two_stage": ("split", "scores", "candidates", "topk", "text", "seed", "score", "reduce", "sap")}
@@ -52,8 +51,7 @@ PLOTS = {"per_verb": "accuracy per verb", "per_noun": "accuracy per noun",
 PLOT_WIDTH, PLOT_ROW, PLOT_HEADER = 800, 16, 28  # metric plots: height = PLOT_HEADER + PLOT_ROW * bars + 8
 
 
-# -----------------------------------------------------------------------------
-# samples to evaluate, one dict per segment
+# samples to evaluate, one dict per segment -----------------------------------
 def benchmark_rows(path, root):
     """EK100-MQA rows as mine.py writes them; the option actions map a letter back to verb and noun."""
     if not Path(path).exists():
@@ -61,8 +59,7 @@ def benchmark_rows(path, root):
                                 f"--annotations {root} --split validation --k {mine.K} --out {path}")
     rows = data.read_jsonl(path)
     for r in rows:
-        missing = [k for k in MQA_FIELDS if k not in r]
-        if missing:
+        if missing := [k for k in MQA_FIELDS if k not in r]:
             raise ValueError(f"{path}: row {r.get('id')} lacks {missing}; expected mine.py's MQA rows")
     if len({len(r["options"]) for r in rows}) > 1:
         raise ValueError(f"{path}: rows have different numbers of options; a benchmark uses one K")
@@ -70,9 +67,9 @@ def benchmark_rows(path, root):
 
 
 def two_stage_rows(ann, args):
-    """Stage one: the recognizer's top-K actions, the truth NOT added, from its scores or from mine.py --topk's
-    candidate file, shuffled with --seed before lettering (in rank order the truth is option A on about half the
-    rows, so a model answering A would score like the recognizer's top-1); option_ranks keeps each one's rank."""
+    """Stage one: the recognizer's top-K actions (its scores, or mine.py --topk's candidate file), the truth NOT added,
+    shuffled with --seed before lettering (in rank order the truth is option A on about half the rows: answering A would
+    score like the recognizer's top-1); option_ranks keeps each one's rank."""
     if args.candidates:
         rows = benchmark_rows(args.candidates, ann.root)
         ids = {s.id for s in ann.segments(args.split)}
@@ -84,9 +81,8 @@ def two_stage_rows(ann, args):
     rng = np.random.default_rng(args.seed)
     for r in rows:
         order = rng.permutation(len(r["options"])).tolist()
-        truth = r["answer_index"]
         r.update(options=[r["options"][j] for j in order], option_actions=[r["option_actions"][j] for j in order],
-                 option_ranks=order, answer_index=order.index(truth) if truth >= 0 else -1)
+                 option_ranks=order, answer_index=order.index(r["answer_index"]) if r["answer_index"] >= 0 else -1)
     return rows
 
 
@@ -103,8 +99,7 @@ def ask(rows, args):
     return rows
 
 
-# -----------------------------------------------------------------------------
-# prediction files: append line by line, resume, merge
+# prediction files: append line by line, resume, merge ------------------------
 def read_predictions(folder):
     """id -> prediction from the merged file and every rank's shard; a line cut short by a kill is dropped, and a
     skipped sample's old row never hides the prediction a rerun made for it on another rank."""
@@ -123,11 +118,7 @@ def read_predictions(folder):
 def open_shard(path):
     """Append mode, after cutting off a partial last line a kill may have left."""
     if path.exists():
-        text = path.read_bytes()
-        cut = text.rfind(b"\n") + 1
-        if cut < len(text):
-            with open(path, "r+b") as f:
-                f.truncate(cut)
+        os.truncate(path, path.read_bytes().rfind(b"\n") + 1)
     return open(path, "a")
 
 
@@ -144,13 +135,11 @@ def merge_predictions(folder, rows):
     return preds
 
 
-# -----------------------------------------------------------------------------
-# batches and scoring
+# batches and scoring ---------------------------------------------------------
 def plan_batches(rows, done, rank, world, batch_size, sap, style):
-    """This rank's batches (lists of row indices) over the rows without a prediction (skipped ones are retried).
-    Plain: rows dealt round-robin. SAP: whole videos dealt round-robin, and wave t (each video's t-th unfinished
-    segment, in time order) is cut into batches, so a video never has two segments in one batch and its earlier
-    predictions exist when needed."""
+    """This rank's batches (lists of row indices) over the rows without a prediction (skipped ones retried). Plain: rows
+    dealt round-robin. SAP: whole videos dealt round-robin, and wave t (each video's t-th unfinished segment, in time
+    order) cut into batches, so a video's earlier predictions exist when needed."""
     todo = [i for i, r in enumerate(rows) if r["id"] not in done]
     if not sap:
         share = todo[rank::world]
@@ -192,19 +181,18 @@ def predict(model, rows, batches, frames, vocab, args, done):
             if ok:
                 items[b] = sap_item(model, item, row, priors[-1], args, frames)
         batch, batch_rows = data.collate(items, model.tokenizer.pad_token_id), [rows[x["index"]] for x in items]
-        generated = [None] * len(items)
+        generated = scores = [None] * len(items)  # each branch below fills one of them
         if args.mode == "multi_round":  # candidates are all labels in id order: the best one is the action id
             scores = structured.score_candidates(model, batch, candidates, args.chunk, args.reduce).cpu()
         elif args.score == "text":
             scores = structured.score_option_texts(model, batch, [r["options"] for r in batch_rows], args.chunk,
                                                    args.reduce).cpu()
         elif args.score == "generate":
-            generated, scores = structured.generate_answer(model, batch), None
+            generated = structured.generate_answer(model, batch)
         else:
             scores = structured.score_options(model, batch, len(batch_rows[0]["options"])).cpu()
         for b, (item, row) in enumerate(zip(items, batch_rows)):
-            pred = prediction_row(row, item, frames, None if scores is None else scores[b], generated[b], vocab,
-                                  args.mode, priors[b])
+            pred = prediction_row(row, item, frames, scores[b], generated[b], vocab, args.mode, priors[b])
             done[pred["id"]] = pred
             yield pred
 
@@ -240,8 +228,7 @@ def prediction_row(row, item, frames, scores, generated, vocab, mode, priors):
     return pred
 
 
-# -----------------------------------------------------------------------------
-# metrics and their plots
+# metrics and their plots -----------------------------------------------------
 def read_tail_classes(root):
     """EPIC-100's tail verb and noun ids (a header line, then one id a line); None when the files are absent."""
     paths = [Path(root) / name for name in data.TAIL_FILES]
@@ -266,29 +253,24 @@ def read_ratings(path):
 
 def grouped(keys, correct):
     """{key: {n, correct, accuracy}} in sorted key order."""
-    out = {}
-    for k in sorted(set(keys)):
-        hit = correct[keys == k]
-        out[str(k)] = {"n": len(hit), "correct": int(hit.sum()), "accuracy": float(hit.mean())}
-    return out
+    hits = {str(k): correct[keys == k] for k in sorted(set(keys))}
+    return {k: {"n": len(hit), "correct": int(hit.sum()), "accuracy": float(hit.mean())} for k, hit in hits.items()}
 
 
 def compute_metrics(preds, vocab, tails=None, ratings=None):
-    """Accuracy (the mode's: chosen letter for mqa, action top-1 otherwise); verb, noun and action top-1; head/tail
-    with EPIC's tail classes (verb and noun by their own class; an action is head when its verb AND its noun are
-    head, tail otherwise); per-verb and per-noun accuracy (figure 8); by difficulty level (table 8); skipped
-    samples by reason, clamped frames, unparsed answers (--score generate)."""
+    """Accuracy (mqa: of the chosen letter, else action top-1); verb, noun and action top-1; head/tail by EPIC's tail
+    classes (an action is head when its verb AND noun are); per-verb and per-noun accuracy (figure 8); by difficulty
+    (table 8); skipped samples by reason, clamped frames, unparsed answers (--score generate)."""
     good = [p for p in preds if not p.get("bad")]
     reasons = Counter("past the video's end" if data.PAST_END in p["bad"] else "unreadable"
                       for p in preds if p.get("bad"))
     m = {"n": len(good), "skipped_bad": len(preds) - len(good), "skipped_by_reason": dict(reasons)}
     if not good:
         return m
-    col = {k: np.array([p[k] for p in good]) for k in ("correct", "pred_verb", "pred_noun", "pred_action",
-                                                        "verb_class", "noun_class", "action_class")}
+    columns = ("correct", "pred_verb", "pred_noun", "pred_action", "verb_class", "noun_class", "action_class")
+    col = {k: np.array([p[k] for p in good]) for k in columns}
     hit = {k: col[f"pred_{k}"] == col[f"{k}_class"] for k in ("verb", "noun", "action")}
-    m.update(accuracy=float(col["correct"].mean()), verb_top1=float(hit["verb"].mean()),
-             noun_top1=float(hit["noun"].mean()), action_top1=float(hit["action"].mean()),
+    m.update(accuracy=float(col["correct"].mean()), **{f"{k}_top1": float(hit[k].mean()) for k in hit},
              clamped_frames=int(sum(p["clamped"] for p in good)))
     if "choice" in good[0]:
         m["unparsed"] = sum(p["choice"] < 0 for p in good)
@@ -343,11 +325,9 @@ def plot_metrics(metrics_path, out):
     return written
 
 
-# -----------------------------------------------------------------------------
-# one --frames setting end to end
+# one --frames setting end to end ---------------------------------------------
 def evaluate_setting(model, rows, folder, frames, vocab, args, rank=0, world=1):
-    """Predict what is not yet in `folder` (skipped samples again), this rank's share, appending line by line;
-    rank 0 merges the shards and returns the predictions (other ranks None)."""
+    """Predict this rank's share of what `folder` lacks (skipped again); rank 0 returns all predictions, others None."""
     folder.mkdir(parents=True, exist_ok=True)
     found = read_predictions(folder)
     done = {i: p for i, p in found.items() if not p.get("bad")}
@@ -361,8 +341,7 @@ def evaluate_setting(model, rows, folder, frames, vocab, args, rank=0, world=1):
     with open_shard(folder / f"predictions.rank{rank}.jsonl") as f:
         for pred in tqdm(predict(model, rows, batches, frames, vocab, args, done), total=sum(map(len, batches)),
                          disable=rank != 0, desc=f"{args.mode} frames={frames}"):
-            f.write(json.dumps(pred) + "\n")
-            f.flush()
+            print(json.dumps(pred), file=f, flush=True)
     dist.barrier()
     preds = merge_predictions(folder, rows) if rank == 0 else None
     dist.barrier()  # nobody starts the next setting while rank 0 still merges this one
@@ -389,11 +368,10 @@ def build_parser():
     model_lib.add_load_flags(p)
     p.add_argument("--annotations", default="toy", help="annotation root: EPIC CSVs, actions.csv, tail lists")
     p.add_argument("--split", default="validation", help="two_stage, multi_round: the split to evaluate")
-    p.add_argument("--video-root", default=None, help="default {annotations}/videos")
-    p.add_argument("--benchmark", default=None, help=f"mqa: MQA JSONL; default {{annotations}}/{data.BENCHMARK}")
-    p.add_argument("--scores", default=None, help="two_stage: recognizer scores; default "
-                                                  "{annotations}/scores/tim_{split}.npz")
-    p.add_argument("--candidates", default=None, help="two_stage: mine.py --topk's candidate file instead of --scores")
+    p.add_argument("--video-root", help="default {annotations}/videos")
+    p.add_argument("--benchmark", help=f"mqa: MQA JSONL; default {{annotations}}/{data.BENCHMARK}")
+    p.add_argument("--scores", help="two_stage: recognizer scores; default {annotations}/scores/tim_{split}.npz")
+    p.add_argument("--candidates", help="two_stage: mine.py --topk's candidate file instead of --scores")
     p.add_argument("--topk", type=int, default=20, help="two_stage: candidates (lettered A.., 20 = A-T)")
     p.add_argument("--text", choices=mine.TEXTS, default="label", help="two_stage option texts: class labels, or "
                    "a narration drawn per class (the truth's own when it is among them, a small leak)")
@@ -404,23 +382,21 @@ def build_parser():
     p.add_argument("--reduce", choices=["mean", "sum"], default="mean", help="multi_round and --score text: mean "
                    "(the paper's lowest mean cross-entropy) or summed token log-likelihood of a candidate")
     p.add_argument("--sap", action="store_true", help="mqa, two_stage: prior-action prompt with the model's own "
-                                                      "two previous predictions of the video")
-    p.add_argument("--prompt-style", choices=data.STYLES, default=None, help="default: the checkpoint's")
-    p.add_argument("--perspective", choices=list(data.PERSPECTIVES), default=None, help="default: the checkpoint's")
-    p.add_argument("--time-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   "two previous predictions in that video")
+    p.add_argument("--prompt-style", choices=data.STYLES, help="default: the checkpoint's")
+    p.add_argument("--perspective", choices=list(data.PERSPECTIVES), help="default: the checkpoint's")
+    p.add_argument("--time-prompt", action=argparse.BooleanOptionalAction,
                    help="the time instruction before the question (default: as the checkpoint was trained)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward")
     p.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
                    help="DataLoader workers decoding clips (default: cores / (4 x ranks), at most 4)")
     p.add_argument("--chunk", type=int, default=256, help="multi_round, --score text: candidates per pass")
-    p.add_argument("--ratings", default=None, help="difficulty levels by narration id (CSV or JSON)")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and count) samples whose video cannot be read; "
-                                                           "a rerun retries them")
-    p.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    p.add_argument("--out", default=None, help="default {ckpt}/eval_{mode}[_{score}][_sap], the score named unless "
-                   "letter (runs/{name}/... for an alias)")
-    p.add_argument("--plot", default=None, metavar="METRICS_JSON", help="only draw this metrics.json's plots "
-                   "(into plots/ beside it, or --out)")
+    p.add_argument("--ratings", help="difficulty levels by narration id (CSV or JSON)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable clips; a rerun retries them")
+    p.add_argument("--limit", type=int, help="only the first N samples")
+    p.add_argument("--out", help="default {ckpt}/eval_{mode}[_{score}][_sap], the score named unless letter "
+                   "(runs/{name}/... for an alias)")
+    p.add_argument("--plot", metavar="METRICS_JSON", help="only plot a metrics.json (into plots/ beside it, or --out)")
     return p
 
 

@@ -1,11 +1,10 @@
 """Hard-example mining from recognizer scores (LLaVAction, Qi et al. 2025, eq. 2 and 3).
 
-Turns EPIC-style annotations plus a recognizer's N x A action scores (TIM, AVION, ...) into multiple-choice
-files: the EK100-MQA benchmark (eq. 3: the truth and the recognizer's top K-1 other classes), training files
-(--pool: K-1 distractors drawn from a larger top pool), random-distractor files (eq. 2, --model random) and
-two-stage candidate files (--topk N: the top N in rank order, the truth not added). `compare A B` prints the
-appendix-D statistics of two recognizers: top-1 agreement, top-k overlap and the Jensen-Shannon divergence of
-their softmaxed scores.
+Turns EPIC-style annotations plus a recognizer's N x A action scores (TIM, AVION, ...) into multiple-choice files:
+the EK100-MQA benchmark (eq. 3: the truth and the recognizer's top K-1 other classes), training files (--pool: K-1
+distractors drawn from a larger top pool), random-distractor files (eq. 2, --model random) and two-stage candidate
+files (--topk N: the top N in rank order, the truth not added). `compare A B` prints the appendix-D statistics of
+two recognizers: top-1 agreement, top-k overlap and the Jensen-Shannon divergence of their softmaxed scores.
 
     python mine.py --model tim --annotations toy --split validation --k 5 --out toy/ek100_mqa_tim_k5.jsonl
     python mine.py compare toy/scores/tim_validation.npz toy/scores/avion_validation.npz
@@ -28,8 +27,7 @@ TOY_DRAWS = 8                     # the toy's training MQA: drawn 8 times from A
 TOY_TRAIN = f"train_mqa_avion_k{K}_pool{2 * (K - 1)}_x{TOY_DRAWS}.jsonl"
 
 
-# -----------------------------------------------------------------------------
-# score files: .npz / .pt / ranked JSON / .pkl -> (ids, scores), then aligned to a split's segments
+# score files: .npz / .pt / ranked JSON / .pkl -> (ids, scores), then aligned to a split's segments ---
 def load_score_file(path, ann=None, split=None, trust_pickle=False):
     """Read (ids, scores (M, A) float32) from any supported form; the ranked JSON needs the split to name rows."""
     path = Path(path)
@@ -88,8 +86,9 @@ def ranked_json_scores(path, ann, split):
     return ids, scores
 
 
-def align_scores(ids, scores, ann, split, path):
-    """Pick the score row of every segment of the split, in split order: files may hold a superset in any order."""
+def read_scores(path, ann, split, trust_pickle=False):
+    """(N, A) float32 scores aligned to ann.segments(split): the file may hold a superset of its rows, in any order."""
+    ids, scores = load_score_file(path, ann, split, trust_pickle)
     if scores.shape[1] != len(ann.vocab):
         raise ValueError(f"{path} scores {scores.shape[1]} classes but {Path(ann.root) / 'actions.csv'} defines "
                          f"{len(ann.vocab)} action ids; scores must be over the ids of actions.csv")
@@ -109,14 +108,7 @@ def align_scores(ids, scores, ann, split, path):
     return out
 
 
-def read_scores(path, ann, split, trust_pickle=False):
-    """(N, A) float32 scores aligned to ann.segments(split)."""
-    ids, scores = load_score_file(path, ann, split, trust_pickle)
-    return align_scores(ids, scores, ann, split, path)
-
-
-# -----------------------------------------------------------------------------
-# mining core: arrays in, arrays out
+# mining core: arrays in, arrays out ------------------------------------------
 def ranked_top(scores, m):
     """(N, m) action ids of the m highest scores, best first (ties: lower id first). argpartition: O(A) per row."""
     n_rows, n_classes = scores.shape
@@ -148,19 +140,7 @@ def top_distractor_classes(scores, truth, n, pool=None, rng=None):
     return np.take_along_axis(cand, pick, axis=1)
 
 
-def random_scores(ann, n_rows, text, rng):
-    """Eq. 2 as uniform random scores: the top classes are then a uniform draw among the other classes.
-    With narration texts only classes that have narrations take part (-inf for the rest)."""
-    scores = rng.random((n_rows, len(ann.vocab)), dtype=np.float32)
-    if text == "narration":
-        has = np.zeros(len(ann.vocab), dtype=bool)
-        has[[a for a, narr in ann.narrations.items() if narr]] = True
-        scores[:, ~has] = -np.inf
-    return scores
-
-
-# -----------------------------------------------------------------------------
-# option texts and rows
+# option texts and rows -------------------------------------------------------
 def option_texts(ann, segs, options, truth, text, rng):
     """Texts of the (N, K) option classes: a narration drawn uniformly from the class (its label when it has
     none) or the label; the truth's text is the segment's own narration. Repeated strings are replaced."""
@@ -179,7 +159,7 @@ def option_texts(ann, segs, options, truth, text, rng):
         texts = np.where(options == truth[:, None], own[:, None], texts)
     rows = texts.tolist()
     for row, acts, t in zip(rows, options.tolist(), truth.tolist()):
-        if len(set(row)) < len(row):
+        if len(set(row)) < len(row):  # rare: most rows need no pass
             distinct_texts(row, acts, t, ann)
     return rows
 
@@ -188,9 +168,7 @@ def distinct_texts(row, acts, truth, ann):
     """Replace a repeated option text in place, deterministically: the class's next narration, else its label."""
     used = {row[j] for j, a in enumerate(acts) if a == truth}
     for j, a in enumerate(acts):
-        if a == truth:
-            continue
-        if row[j] in used:
+        if a != truth and row[j] in used:
             narr = ann.narrations.get(a, [])
             start = narr.index(row[j]) + 1 if row[j] in narr else 0
             spare = [t for t in narr[start:] + narr[:start] + [ann.vocab.labels[a]] if t not in used]
@@ -206,13 +184,11 @@ def make_rows(segs, options, truth, texts, task):
     answer_index = np.where(is_truth.any(axis=1), is_truth.argmax(axis=1), -1).tolist()
     rows = []
     for s, acts, opts, i in zip(segs, options.tolist(), texts, answer_index):
-        row = {"id": s.id, "video_id": s.video_id, "start": s.start, "end": s.end, "task": task,
-               "question": data.mqa_question(opts), "options": opts}
-        if i >= 0:
-            row["answer"] = f"{data.LETTERS[i]}. {opts[i]}"
-        row.update(answer_index=i, verb_class=s.verb_class, noun_class=s.noun_class,
-                   action_class=s.action_class, option_actions=acts)
-        rows.append(row)
+        answer = {"answer": f"{data.LETTERS[i]}. {opts[i]}"} if i >= 0 else {}
+        rows.append({"id": s.id, "video_id": s.video_id, "start": s.start, "end": s.end, "task": task,
+                     "question": data.mqa_question(opts), "options": opts, **answer, "answer_index": i,
+                     "verb_class": s.verb_class, "noun_class": s.noun_class, "action_class": s.action_class,
+                     "option_actions": acts})
     return rows
 
 
@@ -220,31 +196,30 @@ def mine(ann, split, scores=None, k=K, pool=None, topk=None, text="narration", s
     """MQA rows (truth + K-1 distractors, shuffled) or, with topk, two-stage candidate rows (top-N in rank
     order, truth not added). scores=None is eq. 2 (random distractors). One Generator: same seed, same rows."""
     segs = ann.segments(split)
-    n_opts = topk or k
     if text not in TEXTS:
         raise ValueError(f"--text must be one of {TEXTS}, not {text!r}")
-    if not 2 <= n_opts <= len(data.LETTERS):
-        raise ValueError(f"need 2 to {len(data.LETTERS)} options (lettered A-Z), got {n_opts}")
+    if not 2 <= (topk or k) <= len(data.LETTERS):
+        raise ValueError(f"need 2 to {len(data.LETTERS)} options (lettered A-Z), got {topk or k}")
     truth = np.array([s.action_class for s in segs], dtype=np.int64)
     rng = np.random.default_rng(seed)
-    if scores is None:
-        scores = random_scores(ann, len(segs), text, rng)
+    if scores is None:  # eq. 2 as uniform random scores: the top classes are a uniform draw among the others
+        scores = rng.random((len(segs), len(ann.vocab)), dtype=np.float32)
+        if text == "narration":  # only classes that have narrations take part
+            scores[:, [a for a in range(len(ann.vocab)) if not ann.narrations.get(a)]] = -np.inf
     if topk:
         options, task = ranked_top(scores, topk), "candidates"
     else:
-        distractors = top_distractor_classes(scores, truth, k - 1, pool, rng)
-        options = np.concatenate([truth[:, None], distractors], axis=1)
-        options = np.take_along_axis(options, np.argsort(rng.random(options.shape), axis=1), axis=1)
+        options = np.concatenate([truth[:, None], top_distractor_classes(scores, truth, k - 1, pool, rng)], axis=1)
+        options = np.take_along_axis(options, np.argsort(rng.random(options.shape), axis=1), axis=1)  # shuffled
         task = "mqa"
     texts = option_texts(ann, segs, options, truth, text, rng)
     return make_rows(segs, options, truth, texts, task)
 
 
 def mine_toy(root):
-    """The toy kitchen's mined files, written when missing (always the same: --seed of train.py orders the
-    batches, not the data): training MQA from AVION drawn TOY_DRAWS times (K-1 distractors from its top 2(K-1),
-    options shuffled anew: the tiny model must match options to the video, it cannot memorise letters), and the
-    validation benchmark from TIM (eq. 3): another recognizer's errors, as in the paper."""
+    """The toy kitchen's mined files, written when missing (always the same; train.py's --seed orders batches): training
+    MQA from AVION drawn TOY_DRAWS times (K-1 distractors from its top 2(K-1), shuffled anew so the tiny model cannot
+    memorise letters) and the benchmark from TIM (eq. 3): another recognizer's errors, as in the paper."""
     root, ann = Path(root), data.load_annotations(root)
     if not (root / TOY_TRAIN).exists():
         scores = read_scores(root / "scores" / "avion_train.npz", ann, "train")
@@ -255,8 +230,7 @@ def mine_toy(root):
         data.write_jsonl_atomic(root / data.BENCHMARK, mine(ann, "validation", scores, k=K))
 
 
-# -----------------------------------------------------------------------------
-# compare two recognizers (appendix D)
+# compare two recognizers (appendix D) ----------------------------------------
 def probabilities(scores):
     """Softmax over classes (float64), unless the rows already are probabilities (nonnegative, summing to 1)."""
     scores = scores.astype(np.float64)
@@ -273,8 +247,7 @@ def js_divergence(a, b):
         p, q = probabilities(a[i:i + JS_CHUNK]), probabilities(b[i:i + JS_CHUNK])
         m = 0.5 * (p + q)
         with np.errstate(divide="ignore", invalid="ignore"):  # 0 log 0 = 0: masked by the where
-            kl_p = np.where(p > 0, p * np.log(p / m), 0.0).sum(axis=1)
-            kl_q = np.where(q > 0, q * np.log(q / m), 0.0).sum(axis=1)
+            kl_p, kl_q = (np.where(x > 0, x * np.log(x / m), 0.0).sum(axis=1) for x in (p, q))
         out[i:i + JS_CHUNK] = 0.5 * kl_p + 0.5 * kl_q
     return np.clip(out, 0.0, np.log(2))
 
@@ -336,13 +309,11 @@ def main(argv):
     args = p.parse_args(argv)
     if args.topk and args.pool:
         p.error("--pool draws MQA distractors; --topk writes the top N as they rank: pass one of them")
-
     if args.command:
         if args.command[0] != "compare" or len(args.command) != 3:
             p.error(f"unknown command {' '.join(args.command)!r}; use: python mine.py compare A.npz B.npz")
         _, path_a, path_b = args.command
-        needs_ann = Path(path_a).suffix == ".json" or Path(path_b).suffix == ".json"
-        ann = data.load_annotations(args.annotations) if needs_ann else None
+        ann = data.load_annotations(args.annotations) if ".json" in (Path(path_a).suffix, Path(path_b).suffix) else None
         res = compare_files(path_a, path_b, ann, args.split, args.k, args.trust_pickle)
         print_comparison(res, path_a, path_b)
         if args.json:

@@ -1,10 +1,8 @@
-"""Base models, the LLaVA-NeXT checkpoint format, the two video layouts, and the action token with its
-verb/noun/action heads (paper eq. 5).
+"""Base models, the LLaVA-NeXT checkpoint format, both video layouts, the action token and its heads (paper eq. 5).
 
-The model class is transformers' native LlavaOnevisionForConditionalGeneration (SigLIP tower, 2-layer MLP
-projector, Qwen2 LLM), used as it is. The paper's base and the authors' released checkpoints are published in
-the LLaVA-NeXT format (`architectures: ["LlavaQwenForCausalLM"]`, `mm_*` config fields); `convert` turns such a
-folder into a native one, tensor by tensor, and `load_model` does so once, on first use, into a cache folder.
+The model is transformers' LlavaOnevisionForConditionalGeneration as it is (SigLIP, 2-layer MLP projector, Qwen2 LLM).
+The paper's base and the authors' checkpoints are in the LLaVA-NeXT format (`architectures: ["LlavaQwenForCausalLM"]`,
+`mm_*` config fields): `convert` turns such a folder into a native one; `load_model` does so once, into a cache folder.
 
     python model.py convert lmms-lab/LLaVA-Video-7B-Qwen2 ckpt/llava-video-7b   # or a local LLaVA-NeXT folder
 """
@@ -33,8 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import data
 from data import ACTION_TOKEN, IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN
 
-# -----------------------------------------------------------------------------
-# shapes for --random-init (no hub here) and the base table
+# shapes for --random-init (no hub here) and the base table -------------------
 SIGLIP_SO400M_ID = "google/siglip-so400m-patch14-384"
 # so400m-384/14 with its last layer dropped and no head, as the authors' tower and the native class use it
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
@@ -72,6 +69,7 @@ BASES = {
 }
 SPECIAL_TOKENS = ["<|endoftext|>", IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, ACTION_TOKEN]
 HEAD_TOKEN = {1: (0, 0, 0), 3: (0, 1, 2)}  # which action token feeds the verb, noun and action head
+HEAD_FIELDS = ("n_verbs", "n_nouns", "n_actions", "head_bias")  # fixed by a checkpoint's trained heads
 CONVERTED_CACHE = Path(os.environ.get("LLAVACTION_CACHE", Path.home() / ".cache" / "llavaction"))
 
 
@@ -123,8 +121,7 @@ def vision_spec(config, layout) -> VisionSpec:
     return VisionSpec(v.image_size, (0.5,) * 3, (0.5,) * 3, math.ceil(v.image_size // v.patch_size / 2), layout)
 
 
-# -----------------------------------------------------------------------------
-# tokenizers
+# tokenizers ------------------------------------------------------------------
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
                r"\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer: tiny splits text where the real one does
 TINY_WORDS = """take put put-down open close wash cut mix pour throw dry move remove turn-on turn-off insert shake peel
@@ -155,8 +152,7 @@ def with_special_tokens(tokenizer):
     """Add <image>, <video>, <action> where missing, in that order (a plain Qwen2-Instruct tokenizer of 151,646
     entries then has them at 151646, 151647, 151648: inside the published embedding tables, no resize)."""
     missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN, ACTION_TOKEN) if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
+    tokenizer.add_tokens(missing, special_tokens=True)  # none missing: a no-op
     return tokenizer
 
 
@@ -178,8 +174,7 @@ def base_tokenizer(base, tokenizer=None):
     return with_special_tokens(tok)
 
 
-# -----------------------------------------------------------------------------
-# the LLaVA-NeXT format: checks, config, key map, conversion
+# the LLaVA-NeXT format: checks, config, key map, conversion ------------------
 NEXT_SUPPORTED = {  # config field: (value when absent, values this converter reads exactly)
     "mm_projector_type": ("mlp2x_gelu", {"mlp2x_gelu"}),
     "mm_spatial_pool_mode": ("bilinear", {"bilinear"}),
@@ -256,13 +251,11 @@ def next_config(src, cfg, tokenizer):
         vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=ids[0], video_token_index=ids[1],
         vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=text.tie_word_embeddings)
     tokens = {None: 0, "one_token": 1, "three_tokens": 3}[cfg.get("vision_supervision")]
-    sizes = [int(x) for x in cfg["action_types"].split(",")] if tokens else [
-        ActionConfig.n_verbs, ActionConfig.n_nouns, ActionConfig.n_actions]
+    sizes = [int(x) for x in cfg["action_types"].split(",")] if tokens else []  # none: ActionConfig's defaults
     grid = newline == "grid"  # LLaVA-Video's layout, trained with the time prompt
-    action = ActionConfig(tokens, *sizes, supervise_layer=SUPERVISED_LAYER[cfg.get("vision_token_training")],
-                          video_layout="grid" if grid else "hf",
-                          time_instruction=bool(cfg.get("add_time_instruction", grid)))
-    return config, action
+    return config, ActionConfig(tokens, *sizes, supervise_layer=SUPERVISED_LAYER[cfg.get("vision_token_training")],
+                                video_layout="grid" if grid else "hf",
+                                time_instruction=bool(cfg.get("add_time_instruction", grid)))
 
 
 def weights_fingerprint(folder):
@@ -272,11 +265,10 @@ def weights_fingerprint(folder):
 
 
 def convert(src, out):
-    """A LLaVA-NeXT folder -> a native directory: config, tokenizer with <image>/<video>/<action>, weights renamed
-    shard by shard (one shard in memory at a time; bf16 stays bf16), the action token(s) and bias-free heads in
-    heads.pt, the rest of what the weights were trained with in action.json. Every native key must be written
-    and no other (never loaded half-right). Built in a temporary folder renamed at the end: a failed conversion
-    leaves nothing behind."""
+    """A LLaVA-NeXT folder -> a native one: config, tokenizer with <image>/<video>/<action>, weights renamed shard by
+    shard (one in memory at a time; bf16 stays bf16), the action token(s) and bias-free heads in heads.pt, the rest of
+    what they were trained with in action.json. Exactly the native keys are written (never loaded half-right), in a
+    temporary folder renamed at the end: a failure leaves nothing."""
     src, out = Path(src), Path(out)
     cfg = json.loads((src / "config.json").read_text())
     if not is_next_format(cfg):
@@ -285,8 +277,7 @@ def convert(src, out):
     config, action = next_config(src, cfg, tokenizer)
     with torch.device("meta"):
         expected = set(transformers.LlavaOnevisionForConditionalGeneration(config).state_dict())
-    if config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+    expected -= {"lm_head.weight"} if config.tie_word_embeddings else set()
     expected |= set(HEAD_KEYS) if action.action_tokens else set()
     index = src / "model.safetensors.index.json"
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
@@ -331,11 +322,10 @@ def convert(src, out):
 
 
 def resolve(name, cache=None):
-    """A native checkpoint for `name`: an alias's hub id, a local folder or a hub id; an official-format one is
-    converted once into a folder beside it (`{folder}.native`) or, for a hub id, under the cache
-    ($LLAVACTION_CACHE, default ~/.cache/llavaction), or under `cache` when given (named after the folder's whole
-    path); a conversion whose local source has new weights since is refused, never used. A Path for a folder
-    here; the name itself for `tiny` (built in code) and a native hub id."""
+    """`name` (an alias, a local folder or a hub id) as a native checkpoint: a Path, or the name itself for `tiny` and a
+    native hub id. A LLaVA-NeXT one is converted once: into `{folder}.native` beside a folder, into $LLAVACTION_CACHE
+    (default ~/.cache/llavaction) for a hub id, or into `cache` when given (named after the folder's whole path). A
+    conversion whose local source has new weights since is refused, never used."""
     if name == "tiny":
         return name
     source = BASES[name].source if name in BASES else str(name)
@@ -372,19 +362,17 @@ def resolve(name, cache=None):
     return out
 
 
-# -----------------------------------------------------------------------------
-# loading a base
+# loading a base --------------------------------------------------------------
 def base_config(base, tokenizer):
     """A config in code for `tiny` and for --random-init of a real alias; placeholder ids from the tokenizer."""
     vision, text = (TINY_VISION, dict(TINY_TEXT, vocab_size=64 * math.ceil(len(tokenizer) / 64))) if base == "tiny" \
         else (SIGLIP_SO400M, BASES[base].text)
     ids = tokenizer.convert_tokens_to_ids
+    text = transformers.Qwen2Config(**text, pad_token_id=tokenizer.pad_token_id, eos_token_id=ids(IM_END))
     return transformers.LlavaOnevisionConfig(
-        vision_config=transformers.SiglipVisionConfig(**vision).to_dict(),
-        text_config=transformers.Qwen2Config(**text, pad_token_id=tokenizer.pad_token_id,
-                                             eos_token_id=ids(IM_END)).to_dict(),
+        vision_config=transformers.SiglipVisionConfig(**vision).to_dict(), text_config=text.to_dict(),
         image_token_index=ids(IMAGE_TOKEN), video_token_index=ids(VIDEO_TOKEN),
-        vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=text["tie_word_embeddings"])
+        vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=text.tie_word_embeddings)
 
 
 def load_base(name, random_init=False, dtype=None, device=None, tokenizer=None, cache=None, seed=0):
@@ -392,9 +380,8 @@ def load_base(name, random_init=False, dtype=None, device=None, tokenizer=None, 
     None). Random weights are drawn on `device` directly (a 7B model initialised on the CPU takes minutes)."""
     if name == "tiny" or (random_init and name in BASES):
         tok, b = base_tokenizer(name, tokenizer), BASES[name]
-        config, saved, heads = base_config(name, tok), dict(video_layout=b.video_layout,
-                                                           time_instruction=b.time_instruction,
-                                                           action_tokens=b.action_tokens), None
+        config, heads = base_config(name, tok), None
+        saved = dict(video_layout=b.video_layout, time_instruction=b.time_instruction, action_tokens=b.action_tokens)
     else:
         path = resolve(name, cache)
         meta = Path(path) / "action.json"
@@ -434,8 +421,7 @@ def freeze_unused(llava):
     return llava
 
 
-# -----------------------------------------------------------------------------
-# the action token, its heads, and the video in either layout
+# the action token, its heads, and the video in either layout -----------------
 class ActionLLaVA(nn.Module):
     """LLaVA plus learnable action tokens whose final states are supervised by verb/noun/action heads."""
 
@@ -449,8 +435,7 @@ class ActionLLaVA(nn.Module):
         self.action_id = tokenizer.convert_tokens_to_ids(ACTION_TOKEN)
         emb = llava.get_input_embeddings()
         if self.action_id >= emb.num_embeddings:  # real checkpoints have spare rows; tiny may not
-            llava.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-            emb = llava.get_input_embeddings()
+            emb = llava.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
         if cfg.action_tokens == 0:
             return
         hidden, w = llava.config.text_config.hidden_size, emb.weight
@@ -462,16 +447,15 @@ class ActionLLaVA(nn.Module):
         emb.register_forward_hook(self._write_action_embeds)
 
     def _write_action_embeds(self, module, args, out):
-        """Put action_embeds[k] at the k-th <action> of each row. Sync-free, so it also runs in generate,
-        and it trains even when the embedding table is frozen."""
+        """Put action_embeds[k] at each row's k-th <action>: sync-free, so it runs in generate too, and it trains
+        even with the embedding table frozen."""
         is_action = args[0] == self.action_id
         k = (is_action.cumsum(-1) - 1).clamp(0, self.cfg.action_tokens - 1)
         return torch.where(is_action[..., None], self.action_embeds[k].to(out.dtype), out)
 
     def video_features(self, pixels):
-        """(B, N, H) video embeddings in this checkpoint's layout. The native class computes hf (T x g^2 pooled
-        tokens, then one newline); grid (LLaVA-Video and LLaVAction) lays the newline embedding after every row
-        of each frame's g x g pooled tokens, T x g(g + 1) in all, no newline at the end."""
+        """(B, N, H) video embeddings in this checkpoint's layout. hf is the native class's: T x g^2 pooled tokens,
+        one newline; grid (LLaVA-Video, LLaVAction) has a newline after each of a frame's g rows: T x g(g + 1)."""
         video = self.llava.model.get_video_features(pixels).pooler_output
         if self.spec.layout == "hf":
             return video
@@ -481,8 +465,8 @@ class ActionLLaVA(nn.Module):
         return torch.cat([rows, newline], 3).flatten(1, 3)
 
     def lm_inputs(self, batch):
-        """Keyword arguments of llava.model for a collated batch: ids and mask on the model's device, and the video
-        passed in as its embeddings (the native class checks their count against the <video> placeholders)."""
+        """llava.model's keyword arguments for a batch, the video passed in as its embeddings (the native class checks
+        their count against the <video> placeholders)."""
         dev = self.llava.device
         inputs = dict(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
         pixels = batch.get("pixel_values_videos")
@@ -492,8 +476,7 @@ class ActionLLaVA(nn.Module):
         return inputs
 
     def objective(self, lm_loss_sum, head_loss_sum, tokens, samples):
-        """The training loss, written once: the LM loss per supervised answer token plus head_weight x the head
-        loss per labelled sample. train.py passes the counts of its whole accumulation window over all ranks."""
+        """The training loss, written once: train.py passes the counts of its accumulation window over all ranks."""
         return lm_loss_sum / tokens.clamp(min=1) + self.cfg.head_weight * head_loss_sum / samples.clamp(min=1)
 
     def forward(self, batch: dict) -> dict:
@@ -556,14 +539,10 @@ class ActionLLaVA(nn.Module):
         data.write_json_atomic(out / "action.json", asdict(self.cfg))
 
 
-HEAD_FIELDS = ("n_verbs", "n_nouns", "n_actions", "head_bias")
-
-
 def load_model(name, random_init=False, dtype=None, device=None, tokenizer=None, cache=None, **overrides):
-    """An alias, a local folder or a hub id, native or LLaVA-NeXT (converted once), as an ActionLLaVA. A
-    checkpoint with heads keeps its own (its token count and head sizes win; a given size that differs is an
-    error); otherwise `overrides` (ActionConfig fields, None = the checkpoint's) make fresh ones. The layout,
-    prompt style and time instruction are the checkpoint's unless overridden."""
+    """An alias, folder or hub id (native, or LLaVA-NeXT converted once) as an ActionLLaVA. Trained heads stay (their
+    token count and sizes win; a different given size is an error), else `overrides` (ActionConfig fields, None: the
+    checkpoint's) make new ones. Layout, prompt style, time instruction: the checkpoint's unless overridden."""
     llava, tok, saved, heads = load_base(str(name), random_init, dtype, device, tokenizer, cache)
     given = {k: v for k, v in overrides.items() if v is not None}
     if heads is not None:  # trained heads (under --random-init an alias's heads are new: any sizes)
@@ -592,9 +571,8 @@ def load_model(name, random_init=False, dtype=None, device=None, tokenizer=None,
 
 
 def load_for_eval(name, device, random_init=False, tokenizer=None, cache=None, action_tokens=None):
-    """The one loader of evaluate.py and attention.py: a checkpoint with heads keeps its action token(s) in the
-    prompt, as it was trained; a base gets `action_tokens` (None: its own, 0 for a plain base: zero-shot). bf16
-    on GPU, fp32 on CPU."""
+    """The loader of evaluate.py and attention.py: a checkpoint with heads keeps its action token(s) in the prompt, as
+    trained; a base gets `action_tokens` (None: its own; 0: zero-shot for a plain base). bf16 on GPU, fp32 on CPU."""
     dtype = torch.bfloat16 if device.type == "cuda" else None
     return load_model(name, random_init, dtype, device if random_init else None, tokenizer, cache,
                       action_tokens=action_tokens).to(device).eval()
@@ -621,8 +599,7 @@ def add_load_flags(parser):
 
 
 def results_folder(ckpt):
-    """Where evaluate.py and attention.py write by default: the checkpoint's own folder, or runs/{name} for an
-    alias or a hub id."""
+    """Where evaluate.py and attention.py write by default: the folder itself, or runs/{name} for an alias or hub id."""
     return Path(ckpt) if Path(ckpt).is_dir() else Path("runs") / Path(ckpt).name
 
 
@@ -630,12 +607,11 @@ def describe(model: ActionLLaVA) -> str:
     """One line of parameter counts for the logs."""
     def millions(module, trainable=False):
         return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable) / 1e6
-    m = model.llava.model
-    vision, projector = millions(m.vision_tower), millions(m.multi_modal_projector)
+    vision, projector = millions(model.llava.model.vision_tower), millions(model.llava.model.multi_modal_projector)
     llava, total = millions(model.llava), millions(model)
-    return (f"params {total:.2f}M (vision {vision:.2f}M, projector {projector:.2f}M,"
-            f" LM {llava - vision - projector:.2f}M, action token and heads {total - llava:.3f}M),"
-            f" trainable {millions(model, True):.2f}M; video layout {model.spec.layout}, "
+    lm = llava - vision - projector
+    return (f"params {total:.2f}M (vision {vision:.2f}M, projector {projector:.2f}M, LM {lm:.2f}M, action token and "
+            f"heads {total - llava:.3f}M), trainable {millions(model, True):.2f}M; video layout {model.spec.layout}, "
             f"{model.spec.tokens_per_frame} tokens a frame")
 
 

@@ -1,11 +1,10 @@
 """Structured action prediction (paper 4.3): score lettered options, score option texts and many action texts
 against one cached prefix (multi-round appending), generate and parse an answer.
 
-Batches come from data.collate: prompts right-padded, each ending with "<|im_start|>assistant\n", so the
-next-token distribution at a row's last real position (length - 1) is the distribution of its answer's first
-token. Everything here is one prompt forward per batch of clips; nothing is generated unless asked. Options are
-scored two ways: by letter (the paper's protocol: the K letters' next-token logits) or by text (each option's
-text as the whole answer against one cached prompt, the lm-eval-harness multiple_choice criterion).
+Batches come from data.collate: prompts right-padded, each ending with "<|im_start|>assistant\n", so the next-token
+distribution at a row's last real position (length - 1) is that of its answer's first token. One prompt forward per
+batch of clips; nothing is generated unless asked. Options are scored by letter (the paper's protocol: the K letters'
+next-token logits) or by text (each text as the whole answer to one cached prompt, lm-eval-harness's multiple_choice).
 """
 import re
 from dataclasses import dataclass
@@ -46,9 +45,8 @@ def score_options(model, batch, n_options) -> torch.Tensor:
 
 
 def candidate_token_ids(tokenizer, texts) -> list[list[int]]:
-    """Each action text's tokens as an answer, plus <|im_end|>: the end token makes a candidate a whole answer,
-    so "take" cannot win on the first token of "take plate", and it is what the paper's per-candidate
-    cross-entropy (the answer's loss, end token included) covers."""
+    """Each action text's tokens plus <|im_end|>, which makes it a whole answer ("take" cannot win on the first token of
+    "take plate") and which the paper's per-candidate cross-entropy (the answer's loss, end token included) covers."""
     end = tokenizer.convert_tokens_to_ids(IM_END)
     return [ids + [end] for ids in tokenizer(list(texts), add_special_tokens=False).input_ids]
 
@@ -93,10 +91,9 @@ def build_candidate_trie(candidates) -> Trie:
 
 @torch.no_grad()
 def score_candidates(model, batch, candidates, chunk=256, reduce="mean") -> torch.Tensor:
-    """Multi-round appending (paper 4.3): (B, C) log-likelihood of each candidate (token lists from
-    candidate_token_ids) as the answer to each prompt; HIGHER is better. reduce="mean" (default) is the mean
-    log-prob over the candidate's tokens, the paper's lowest-mean-cross-entropy criterion; "sum" is the
-    summed log-likelihood (favours short candidates).
+    """Multi-round appending (paper 4.3): (B, C) log-likelihood of each candidate (token lists from candidate_token_ids)
+    as the answer to each prompt, HIGHER is better: reduce="mean" is the mean log-prob over its tokens (the paper's
+    lowest-mean-cross-entropy criterion), "sum" the total (favours short candidates).
 
     The prompt (video + question) is prefilled ONCE per batch into a DynamicCache; candidates then go in passes
     of `chunk` (sorted, deduplicated) as one packed prefix trie per pass, every clip at once: each node attends
@@ -119,8 +116,7 @@ def score_candidates(model, batch, candidates, chunk=256, reduce="mean") -> torc
         tok = torch.tensor([c + (0,) * (trie.where.shape[1] + 1 - len(c)) for c in part], device=dev)
         where = trie.where.to(dev)
         lp = first[:, tok[:, 0]]
-        if len(trie.tokens):  # else every candidate is one token, scored by the prefill alone
-            n = len(trie.tokens)
+        if n := len(trie.tokens):  # else every candidate is one token, scored by the prefill alone
             tree = trie.ancestors.to(dev).expand(B, 1, n, n)
             attend = torch.cat([prompt[:, None, None].expand(B, 1, n, P), tree], -1)
             bias = torch.zeros(attend.shape, dtype=dtype, device=dev).masked_fill_(~attend, torch.finfo(dtype).min)
@@ -162,7 +158,6 @@ def generate_answer(model, batch, max_new_tokens=16) -> list[str]:
 
 
 def parse_letter(text, k) -> int:
-    """Option index of the first standalone capital letter among the first k ("B. take plate", "(B)",
-    "Answer: B" -> 1); -1 if none."""
+    """Index of the first standalone capital among the first k letters ("B. take", "(B)", "Answer: B" -> 1), or -1."""
     m = re.search(rf"(?<![A-Za-z])([{LETTERS[:k]}])(?![A-Za-z])", text)
     return LETTERS.index(m.group(1)) if m else -1

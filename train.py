@@ -7,10 +7,9 @@ detection, direct prediction (captions, replay), plus the action token's verb/no
         --video-root VIDEOS --frames 16 --out runs/NAME
     torchrun --nproc_per_node 8 train.py --resume runs/NAME                      # continues where it stopped
 
-A plain `python train.py` is rank 0 of a process group of one, so there is a single code path. What a step does
-is fixed by its number: the samples (a permutation per epoch cut into global batches that do not depend on the
-number of ranks), the learning rate (a function of the step and the planned total), each clip's frame jitter
-(seeded per item by data.TaskDataset). --resume therefore continues with exactly the next batch. The prompt style,
+A plain `python train.py` is rank 0 of a process group of one: one code path. A step's number fixes its samples (a
+permutation per epoch cut into global batches, whatever the number of ranks), learning rate (lr_scale) and clips' frame
+jitter (seeded per item by data.TaskDataset), so --resume continues with exactly the next batch. The prompt style,
 perspective, time instruction and video layout default to the base's own (what its weights saw), saved with the run.
 """
 import argparse
@@ -47,39 +46,25 @@ RESOLVED = dict(prompt_style="prompt_style", perspective="perspective", time_pro
 TOY_EXPECTATION = ("\nOn the toy, expect the option texts well above chance and the letters near it: a random-init LM "
                    "learns the actions in minutes (heads, texts, multi-round) but not yet to copy the letter of the "
                    "matching option, which a pretrained base does from the start.")
+HEAD_STATS = ("head_loss", "verb_loss", "noun_loss", "action_loss", "verb_acc", "noun_acc")  # per labelled sample
 
 
-# -----------------------------------------------------------------------------
-# data
-def training_rows(args, ann):
-    """The task mix of data.build_training_samples in the run's prompt style; the same on every rank."""
-    mqa = [r for f in args.train_file for r in data.read_jsonl(f)]
-    replay = data.read_replay(args.replay, args.replay_root) if args.replay else None
-    return data.build_training_samples(
-        ann, args.split, mqa, np.random.default_rng(args.seed), style=args.prompt_style, perspective=args.perspective,
-        prior_ratio=args.prior_ratio, temporal=None if args.temporal == "none" else args.temporal,
-        direct=not args.no_direct, captions=args.captions, replay=replay, replay_ratio=args.replay_ratio)
-
-
+# data ------------------------------------------------------------------------
 def epoch_batches(n_rows, epoch, steps, args, rank, world, start):
-    """This rank's micro-batches for steps start.. of an epoch: one permutation per (seed, epoch), cut into global
-    batches; each is split rank-major into world x accum micro-batches, so a step's samples (and its gradient)
-    are the same on any number of ranks."""
+    """This rank's micro-batches for steps start.. of an epoch: one permutation per (seed, epoch) cut into global
+    batches, each split rank-major into world x accum micro-batches, so a step's samples do not depend on world."""
     perm = np.random.default_rng((args.seed, epoch)).permutation(n_rows)[:steps * args.batch_size]
     micro = perm.reshape(steps, world, args.grad_accum, -1)[start:, rank]
     return micro.reshape(-1, micro.shape[-1]).tolist()
 
 
-# -----------------------------------------------------------------------------
-# model, optimizer, schedule
+# model, optimizer, schedule --------------------------------------------------
 def parallelize(model, args, device):
-    """FSDP2: one unit per decoder and per vision encoder layer, then the root; bf16 compute with fp32 gradient
-    reduction on GPU. Every parameter gets a gradient on every step (model.py runs the tower on text-only batches),
-    so DDP needs no find_unused_parameters."""
+    """FSDP2 (a unit per decoder and vision encoder layer, then the root; on GPU bf16 compute, fp32 reduction) or DDP,
+    without find_unused_parameters: every parameter gets a gradient every step (text-only batches run the tower)."""
     if args.parallel == "fsdp":
         mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-        llava = model.llava.model
-        for layer in [*llava.language_model.layers, *llava.vision_tower.encoder.layers]:
+        for layer in [*model.llava.model.language_model.layers, *model.llava.model.vision_tower.encoder.layers]:
             fully_shard(layer, mp_policy=mp)
         return fully_shard(model, mp_policy=mp)
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -116,8 +101,7 @@ def default_peak_tflops(device):
     return next((v for k, v in {"H100": 989.0, "H200": 989.0, "A100": 312.0}.items() if k in name), None)
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: DCP (sharded model + optimizer) with the position and RNG, and the plain exported model
+# checkpoints: DCP (sharded model + optimizer) with the position and RNG, and the plain exported model ---
 def rng_state():
     _, key, pos, has_gauss, gauss = np.random.get_state()
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -134,8 +118,7 @@ def set_rng_state(s):
 
 
 def save_checkpoint(model, opt, args, state, rank):
-    """{out}/step_N/: DCP shards, each rank's RNG, args.json and train_state.json, written last: its presence
-    marks a complete checkpoint."""
+    """{out}/step_N/: DCP shards, each rank's RNG, args.json, and train_state.json last: it marks a complete one."""
     path = Path(args.out) / f"step_{state['step']}"
     dist.barrier()
     if rank == 0:  # a step_N written over (after a resume) is incomplete until train_state.json is back
@@ -164,8 +147,7 @@ def load_checkpoint(model, opt, run, rank):
 
 
 def export(model, out, dtype, rank):
-    """The plain directory that evaluate.py --ckpt and from_pretrained read: the full state dict gathered on rank 0
-    (from the shards under FSDP) and written through a twin built on the meta device, so no second copy is made."""
+    """The folder evaluate.py and from_pretrained read: gathered on rank 0, saved via a meta-device twin (no copy)."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         with torch.device("meta"):
@@ -175,15 +157,13 @@ def export(model, out, dtype, rank):
     dist.barrier()
 
 
-# -----------------------------------------------------------------------------
-# the in-training MQA check, the step's statistics, the run folder
+# the in-training MQA check, the step's statistics, the run folder ------------
 @torch.no_grad()
-def evaluate_mqa(raw, rows, args, autocast):
-    """MQA accuracy of the training model, the options read by letter and by text (structured.py). Each rank
-    scores rows[rank::world], padded with repeats (not counted) to the same number of batches so FSDP's
-    per-forward collectives line up; counts are summed over ranks. structured.py calls LLaVA's submodules, which
-    FSDP's root hooks would not unshard, so every unit is gathered for the evaluation and resharded after (the
-    root initialised first: before the first training forward a unit would make itself the root)."""
+def check_mqa(raw, rows, args, autocast, log, say, step):
+    """The in-training MQA check, logged and printed: accuracy by option letter and text, over all ranks. Each rank
+    scores rows[rank::world], padded with uncounted repeats to equal batch counts so FSDP's collectives line up.
+    structured.py calls LLaVA's submodules, which FSDP's root hooks would not unshard: all units are gathered and
+    resharded after (the root initialised first, or before the first training forward a unit makes itself root)."""
     units = [m for m in raw.modules() if isinstance(m, FSDPModule)]
     if units:
         raw._get_fsdp_state()._lazy_init()
@@ -203,25 +183,20 @@ def evaluate_mqa(raw, rows, args, autocast):
         with autocast:
             letter = structured.score_options(raw, batch, k_options).argmax(-1).tolist()
             text = structured.score_option_texts(raw, batch, options).argmax(-1).tolist()
-        for j, item in enumerate(items):
-            if k * args.eval_batch_size + j < len(share):
-                good, truth = item["bad"] is None, rows[item["index"]]["answer_index"]
-                counts += torch.tensor([good and letter[j] == truth, good and text[j] == truth, good, not good])
+        for j, item in enumerate(items[:len(share) - k * args.eval_batch_size]):  # the padding is not counted
+            good, truth = item["bad"] is None, rows[item["index"]]["answer_index"]
+            counts += torch.tensor([good and letter[j] == truth, good and text[j] == truth, good, not good])
     raw.train(was_training)
     for m in units:
         m.reshard()
     counts = counts.to(raw.llava.device)
     dist.all_reduce(counts)
     letter, text, n, bad = counts.tolist()
-    return dict(letter=letter / max(n, 1), text=text / max(n, 1), chance=1 / k_options, n=int(n), skipped_bad=int(bad))
-
-
-def check_mqa(raw, rows, args, autocast, log, say, step):
-    """The in-training MQA check, logged and printed."""
-    r = evaluate_mqa(raw, rows, args, autocast)
-    log(dict(step=step, mqa_letter=r["letter"], mqa_text=r["text"], eval_n=r["n"], eval_skipped_bad=r["skipped_bad"]))
-    say(f"\nstep {step}: MQA accuracy {r['text']:.4f} by option text, {r['letter']:.4f} by letter (chance "
-        f"{r['chance']:.2f}) on {r['n']} questions of {args.benchmark}")
+    r = dict(step=step, mqa_letter=letter / max(n, 1), mqa_text=text / max(n, 1), eval_n=int(n),
+             eval_skipped_bad=int(bad))
+    log(r)
+    say(f"\nstep {step}: MQA accuracy {r['mqa_text']:.4f} by option text, {r['mqa_letter']:.4f} by letter (chance "
+        f"{1 / k_options:.2f}) on {r['eval_n']} questions of {args.benchmark}")
     return r
 
 
@@ -242,20 +217,16 @@ def step_stats(res):
     """What one micro-step adds to the logging window, by name: sums over its tokens and labelled samples."""
     hs = res["head_samples"].to(torch.float32)
     return dict(lm_sum=res["lm_loss_sum"].detach(), lm_tokens=res["lm_tokens"].float(), head_samples=hs,
-                head_sum=res["head_loss"].detach() * hs, verb_sum=res["verb_loss"] * hs,
-                noun_sum=res["noun_loss"] * hs, action_sum=res["action_loss"] * hs,
-                verb_correct=res["verb_acc"] * hs, noun_correct=res["noun_acc"] * hs)
+                **{f"{k}_sum": res[k].detach() * hs for k in HEAD_STATS})
 
 
 def log_record(raw, s, step, epoch, lrs, dt, state, n_params, peak_tflops, world, grad_norm):
     """One log.jsonl line from a window's all-reduced sums `s`."""
     n_head = max(s["head_samples"], 1)
-    loss = raw.objective(*(torch.tensor(s[k]) for k in ("lm_sum", "head_sum", "lm_tokens", "head_samples")))
+    loss = raw.objective(*(torch.tensor(s[k]) for k in ("lm_sum", "head_loss_sum", "lm_tokens", "head_samples")))
     record = dict(step=step, epoch=epoch, loss=float(loss), lm_loss=s["lm_sum"] / max(s["lm_tokens"], 1),
-                  head_loss=s["head_sum"] / n_head, verb_loss=s["verb_sum"] / n_head, noun_loss=s["noun_sum"] / n_head,
-                  action_loss=s["action_sum"] / n_head, verb_acc=s["verb_correct"] / n_head,
-                  noun_acc=s["noun_correct"] / n_head, lr_vision=lrs[0], lr=lrs[1], tokens_per_s=s["tokens"] / dt,
-                  samples_per_s=s["samples"] / dt, bad_videos=state["bad_videos"],
+                  **{k: s[f"{k}_sum"] / n_head for k in HEAD_STATS}, lr_vision=lrs[0], lr=lrs[1],
+                  tokens_per_s=s["tokens"] / dt, samples_per_s=s["samples"] / dt, bad_videos=state["bad_videos"],
                   clamped_frames=state["clamped_frames"])
     if peak_tflops:  # 6 x parameters x tokens: forward and backward of a dense model, per second
         record["mfu"] = 6 * n_params * s["tokens"] / dt / (peak_tflops * 1e12 * world)
@@ -265,9 +236,8 @@ def log_record(raw, s, step, epoch, lrs, dt, state, n_params, peak_tflops, world
 
 
 def prepare(args, rank, world, say):
-    """Everything the run reads, before it writes anything: the toy kitchen (--data toy, rank 0 first), the
-    annotations, the model (its resolved prompt options, layout and head options go back into args), the
-    training rows and the benchmark's, asked in that style."""
+    """All the run reads, before it writes anything: the toy kitchen (--data toy), the annotations, the model (its
+    resolved prompt, layout and head options go back into args), the training and benchmark rows in its style."""
     if args.batch_size % (world * args.grad_accum):
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of ranks x --grad-accum = "
                          f"{world * args.grad_accum}")
@@ -285,7 +255,12 @@ def prepare(args, rank, world, say):
                      **{field: getattr(args, flag) for flag, field in RESOLVED.items()})
     for flag, field in RESOLVED.items():  # the run's args.json says what it trained with
         setattr(args, flag, getattr(raw.cfg, field))
-    rows = training_rows(args, ann)
+    mqa = [r for f in args.train_file for r in data.read_jsonl(f)]
+    replay = data.read_replay(args.replay, args.replay_root) if args.replay else None
+    rows = data.build_training_samples(  # the task mix in the run's prompt style, the same on every rank
+        ann, args.split, mqa, np.random.default_rng(args.seed), style=args.prompt_style, perspective=args.perspective,
+        prior_ratio=args.prior_ratio, temporal=None if args.temporal == "none" else args.temporal,
+        direct=not args.no_direct, captions=args.captions, replay=replay, replay_ratio=args.replay_ratio)
     eval_rows = [dict(r, question=data.mqa_question(r["options"], args.prompt_style, args.perspective))
                  for r in data.read_jsonl(args.benchmark)] if args.benchmark else None
     if len(rows) < args.batch_size:
@@ -296,9 +271,8 @@ def prepare(args, rank, world, say):
 
 
 def open_run(args, raw, opt, rank, say):
-    """Lock {out} (one run at a time) and refuse a fresh run over an earlier one's checkpoints (a later --resume
-    would pick them up); save the resolved flags; resume the model, optimizer and RNG; trim the log to the
-    checkpoint's step. Returns the train state and the log file."""
+    """Lock {out}; refuse a fresh run over earlier checkpoints (a later --resume would pick them up); save the flags;
+    resume the model, optimizer and RNG; trim the log to the checkpoint's step. Returns (train state, log path)."""
     out = Path(args.out)
     if rank == 0:
         data.lock_folder(out)
@@ -322,34 +296,32 @@ def open_run(args, raw, opt, rank, say):
     return state, out / "log.jsonl"
 
 
-# -----------------------------------------------------------------------------
-# flags: the parser, the toy preset, and the layers of defaults
+# flags: the parser, the toy preset, and the layers of defaults ---------------
 def build_parser():
     """Every flag with the paper's default; --data toy and --resume layer their own defaults on top."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--data", choices=["toy"], default=None, help="toy: make the toy kitchen under --annotations "
-                   "(default toy/) and its mined MQA files when missing, and apply the toy preset")
-    p.add_argument("--train-file", action="append", default=None,
-                   help="MQA JSONL from mine.py; repeat the flag or comma-separate")
-    p.add_argument("--annotations", default=None, help="EPIC annotation root: classes, and the segments of the "
-                   "prior-action, temporal and direct tasks")
+    p.add_argument("--data", choices=["toy"], help="toy: make the toy kitchen under --annotations (default toy/) and "
+                   "its mined MQA files when missing, and apply the toy preset")
+    p.add_argument("--train-file", action="append", help="MQA JSONL from mine.py; repeat the flag or comma-separate")
+    p.add_argument("--annotations", help="EPIC annotation root: classes, and the segments of the prior-action, "
+                   "temporal and direct tasks")
     p.add_argument("--split", default="train", help="annotation split the training files were mined from")
-    p.add_argument("--video-root", default=None, help="default {annotations}/videos")
+    p.add_argument("--video-root", help="default {annotations}/videos")
     p.add_argument("--frames", type=int, default=16, help="frames per clip")
-    p.add_argument("--prompt-style", choices=data.STYLES, default=None, help="official (the authors' code) or "
-                   "paper (appendix C); default: the base's own")
-    p.add_argument("--time-prompt", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--prompt-style", choices=data.STYLES, help="official (the authors' code) or paper (appendix C); "
+                   "default: the base's own")
+    p.add_argument("--time-prompt", action=argparse.BooleanOptionalAction,
                    help="the time instruction before each video question (default: the base's own)")
-    p.add_argument("--perspective", choices=list(data.PERSPECTIVES), default=None,
+    p.add_argument("--perspective", choices=list(data.PERSPECTIVES),
                    help="egocentric or allocentric questions (default: the base's own, else ego)")
     p.add_argument("--prior-ratio", type=float, default=0.3, help="share of MQA rows asked with two prior actions")
     p.add_argument("--temporal", choices=[*data.TEMPORAL_FORMS, "none"], default="paper",
                    help="temporal detection: paper (3 s pad, 'start: end'), official (5 s, 'start, end') or none")
     p.add_argument("--no-direct", action="store_true", help="leave out the direct prediction task")
-    p.add_argument("--captions", default=None, help="captions and open QA by narration id (JSON)")
-    p.add_argument("--replay", default=None, help="LLaVA conversation JSON replayed against forgetting")
-    p.add_argument("--replay-root", default=None, help="videos of --replay (default: the JSON's folder)")
+    p.add_argument("--captions", help="captions and open QA by narration id (JSON)")
+    p.add_argument("--replay", help="LLaVA conversation JSON replayed against forgetting")
+    p.add_argument("--replay-root", help="videos of --replay (default: the JSON's folder)")
     p.add_argument("--replay-ratio", type=float, default=0.0, help="replay rows per task row")
     p.add_argument("--supervise", choices=data.SUPERVISION, default="official", help="the LM loss's targets: "
                    "official (the authors' code: whole assistant turns and every <|im_start|>, <|im_end|> and newline "
@@ -357,32 +329,30 @@ def build_parser():
     p.add_argument("--skip-bad", action="store_true", help="count unreadable videos and go on without them")
     p.add_argument("--num-workers", type=int, default=data.DEFAULT_WORKERS,
                    help="DataLoader workers decoding clips, per rank (default: cores / (4 x ranks), at most 4)")
-    p.add_argument("--benchmark", default=None, help="MQA benchmark (mine.py) evaluated at the end")
+    p.add_argument("--benchmark", help="MQA benchmark (mine.py) evaluated at the end")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps, and at step 0 (0: end only)")
     p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--base", default="llava-video-7b", help="alias (model.py), a local folder (native or LLaVA-NeXT), "
-                   "or a hub id")
+    p.add_argument("--base", default="llava-video-7b", help="alias (model.py), folder (native or LLaVA-NeXT) or hub id")
     add_load_flags(p)
-    p.add_argument("--video-layout", choices=["grid", "hf"], default=None, help="default: the base's own")
+    p.add_argument("--video-layout", choices=["grid", "hf"], help="default: the base's own")
     p.add_argument("--action-tokens", type=int, choices=[0, 1, 3], default=1)
     # the head options below default to the base's own (a converted release keeps its supervised layer), else
     # to the release's: last layer, no bias, 0.1 x (0.5 verb + 0.5 noun + 0.1 action) / (L + 1)
-    p.add_argument("--supervise-layer", choices=["last", "first", "all"], default=None)
-    p.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=None,
-                   help="biases in the verb/noun/action heads (the release has none)")
-    p.add_argument("--head-norm", choices=["layers+1", "layers"], default=None, help="divide the summed "
-                   "per-layer head losses by L + 1 (the release) or by L (twice the weight at one layer)")
-    p.add_argument("--head-weight", type=float, default=None, help="head loss weight against the LM loss (0.1)")
-    p.add_argument("--verb-weight", type=float, default=None, help="(0.5)")
-    p.add_argument("--noun-weight", type=float, default=None, help="(0.5)")
-    p.add_argument("--action-weight", type=float, default=None, help="(0.1)")
+    p.add_argument("--supervise-layer", choices=["last", "first", "all"])
+    p.add_argument("--head-bias", action=argparse.BooleanOptionalAction, help="head biases (the release has none)")
+    p.add_argument("--head-norm", choices=["layers+1", "layers"], help="divide the summed per-layer head losses by "
+                   "L + 1 (the release) or by L (twice the weight at one layer)")
+    p.add_argument("--head-weight", type=float, help="head loss weight against the LM loss (0.1)")
+    p.add_argument("--verb-weight", type=float, help="(0.5)")
+    p.add_argument("--noun-weight", type=float, help="(0.5)")
+    p.add_argument("--action-weight", type=float, help="(0.1)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations in the backward")
     p.add_argument("--batch-size", type=int, default=64, help="global: samples per optimizer step, all ranks")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-steps per optimizer step")
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--max-steps", type=int, default=None, help="planned optimizer steps (overrides --epochs)")
-    p.add_argument("--stop-after", type=int, default=None, help="checkpoint and stop at this step; the schedule "
-                   "still runs to the planned end, so --resume continues it")
+    p.add_argument("--max-steps", type=int, help="planned optimizer steps (overrides --epochs)")
+    p.add_argument("--stop-after", type=int, help="checkpoint and stop at this step; the schedule still runs to the "
+                   "planned end, so --resume continues it")
     p.add_argument("--lr", type=float, default=1e-5, help="projector, LLM, action token, heads")
     p.add_argument("--lr-vision", type=float, default=2e-6, help="vision tower")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
@@ -390,21 +360,20 @@ def build_parser():
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="run directory (default runs/{base name}; runs/toy with --data toy)")
-    p.add_argument("--resume", default=None, help="run directory to continue; its args.json fills the flags not given")
+    p.add_argument("--out", help="run directory (default runs/{base name}; runs/toy with --data toy)")
+    p.add_argument("--resume", help="run directory to continue; its args.json fills the flags not given")
     p.add_argument("--save-every", type=int, default=1000, help="DCP checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--peak-tflops", type=float, default=None, help="per device, for MFU (default from the GPU name)")
+    p.add_argument("--peak-tflops", type=float, help="per device, for MFU (default from the GPU name)")
     return p
 
 
 def toy_preset(root):
-    """The quickstart: minutes on a CPU. In that time the tiny random-init model learns the actions (heads,
-    option texts, multi-round), not yet to answer by option letter; a real base answers letters from the start."""
+    """The quickstart, minutes on a CPU (TOY_EXPECTATION: what the tiny model learns in that time), supervised on
+    the answers: the template's easy targets would dilute a tiny model's answer loss."""
     return dict(base="tiny", annotations=str(root), out="runs/toy", train_file=[f"{root}/{mine.TOY_TRAIN}"],
-                benchmark=f"{root}/{data.BENCHMARK}", frames=8, batch_size=16, grad_accum=1, epochs=1,
-                lr=2e-3, lr_vision=2e-3, warmup_ratio=0.05, log_every=10, save_every=500,
-                supervise="answers")  # the template's easy targets would dilute a tiny model's answer loss
+                benchmark=f"{root}/{data.BENCHMARK}", frames=8, batch_size=16, grad_accum=1, epochs=1, lr=2e-3,
+                lr_vision=2e-3, warmup_ratio=0.05, log_every=10, save_every=500, supervise="answers")
 
 
 def resolve_args(argv):
@@ -421,8 +390,7 @@ def resolve_args(argv):
     args = parser.parse_args(argv)
     if first.resume and first.out is None:  # a resumed run continues in its own folder unless told otherwise
         args.out = first.resume
-    if args.train_file:
-        args.train_file = [f for arg in args.train_file for f in arg.split(",") if f]
+    args.train_file = [f for arg in args.train_file or [] for f in arg.split(",") if f]
     args.video_root = args.video_root or (args.annotations and str(Path(args.annotations) / "videos"))
     args.out = args.out or str(Path("runs") / Path(args.base).name)
     if not args.annotations or not args.train_file:
@@ -430,8 +398,7 @@ def resolve_args(argv):
     return args, {k: v for k, v in preset.items() if getattr(args, k) == v}
 
 
-# -----------------------------------------------------------------------------
-# training
+# training --------------------------------------------------------------------
 def main(argv):
     args, preset = resolve_args(argv)
     rank, world, device = init_distributed(timeout_minutes=60)
@@ -474,10 +441,9 @@ def main(argv):
                                   pin_memory=cuda, prefetch_factor=4 if args.num_workers else None))
         while step < min(stop, (epoch + 1) * steps_per_epoch):
             micro = [next(batches) for _ in range(args.grad_accum)]
-            # The normalisers are known before any forward (labels come with the batch): the window's supervised
-            # answer tokens and labelled samples over all ranks. Each micro-step backpropagates objective(...) of
-            # its sums against those global counts, x world since DDP / FSDP average gradients over ranks: the
-            # gradient of the token mean of the LM loss plus the sample mean of the head loss, over the global batch.
+            # The normalisers, known before any forward, are the step's supervised tokens and labelled samples on all
+            # ranks: each micro-step backpropagates world x objective(its sums, those counts), as DDP / FSDP average
+            # over ranks, giving the gradient of the global batch's token-mean LM loss plus sample-mean head loss.
             counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
                                    sum(int((b["action_labels"] != -100).any(1).sum()) for b in micro)],
                                   dtype=torch.float32, device=device)
@@ -532,6 +498,7 @@ def main(argv):
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])
