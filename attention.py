@@ -21,6 +21,7 @@ the mean of their three maxima); and the share of the N x V visual values below 
 import argparse
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -100,21 +101,26 @@ def statistics(text_max, n_visual):
     return stats
 
 
+def collate_readable(items, pad_id):
+    """data.collate of the items whose clip could be read (--skip-bad), in the DataLoader workers; None if none."""
+    good = [x for x in items if x["bad"] is None]
+    return data.collate(good, pad_id) if good else None
+
+
 @torch.inference_mode()
 def analyse(m, rows, args, desc):
     """Statistics, answer-position rows, chosen options, and the indices of the rows analysed (their clips read)."""
     dataset = data.TaskDataset(rows, args.video_root, m.tokenizer, m.spec, args.frames, m.cfg.action_tokens,
                                time_prompt=m.cfg.time_instruction, with_answer=False, skip_bad=args.skip_bad)
-    loader = torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.num_workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.num_workers,
+                                         collate_fn=partial(collate_readable, pad_id=m.tokenizer.pad_token_id))
     n_layers = m.llava.config.text_config.num_hidden_layers
     layers = range(n_layers) if args.layer == "mean" else [int(args.layer.replace("last", "-1")) % n_layers]
     letters = structured.letter_token_ids(m.tokenizer, len(rows[0]["options"])).to(m.llava.device)
     text_max, answer, chosen, kept = [], [], [], []
-    for items in tqdm(loader, desc=desc):
-        items = [x for x in items if x["bad"] is None]
-        if not items:
+    for batch in tqdm(loader, desc=desc):
+        if batch is None:
             continue
-        batch = data.collate(items, m.tokenizer.pad_token_id)
         kept += batch["index"].tolist()
         att, hidden, (_, n_visual, text) = text_attention(m, batch, layers)
         top, last_row = reduce_rows(att, batch["attention_mask"].to(att.device), text)
