@@ -239,11 +239,11 @@ def next_config(src, cfg, tokenizer):
     if cfg.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
         raise ValueError(f"{src}/config.json: mm_hidden_size = {cfg['mm_hidden_size']} but {tower} is "
                          f"{vision.hidden_size} wide")
-    vision = transformers.SiglipVisionConfig(**{**vision.to_dict(), "num_hidden_layers": vision.num_hidden_layers - 1,
-                                   "vision_use_head": False})  # the authors' tower drops its last layer and head
+    vision = transformers.SiglipVisionConfig(  # the authors' tower drops its last layer and head
+        **{**vision.to_dict(), "num_hidden_layers": vision.num_hidden_layers - 1, "vision_use_head": False})
+    *ids, end = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, ACTION_TOKEN, IM_END])
     text = transformers.Qwen2Config(**{k: cfg[k] for k in QWEN2_FIELDS if cfg.get(k) is not None},
-                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids(IM_END))
-    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, ACTION_TOKEN])
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=end)
     if max(ids) >= text.vocab_size:
         raise ValueError(f"{src}: the tokenizer puts {ACTION_TOKEN} at {max(ids)}, past the {text.vocab_size} "
                          "embedding rows of config.json")
@@ -442,8 +442,9 @@ class ActionLLaVA(nn.Module):
         # Start from the mean token embedding: in distribution for the pretrained LM from the first step (the
         # authors' code leaves it uninitialised); a released checkpoint's own token replaces it on load.
         self.action_embeds = nn.Parameter(w.detach().mean(0, keepdim=True).repeat(cfg.action_tokens, 1).clone())
-        make = lambda n: nn.Linear(hidden, n, bias=cfg.head_bias, device=w.device, dtype=w.dtype)  # noqa: E731
-        self.verb_head, self.noun_head, self.action_head = make(cfg.n_verbs), make(cfg.n_nouns), make(cfg.n_actions)
+        self.verb_head, self.noun_head, self.action_head = [
+            nn.Linear(hidden, n, bias=cfg.head_bias, device=w.device, dtype=w.dtype)
+            for n in (cfg.n_verbs, cfg.n_nouns, cfg.n_actions)]
         emb.register_forward_hook(self._write_action_embeds)
 
     def _write_action_embeds(self, module, args, out):
@@ -481,15 +482,16 @@ class ActionLLaVA(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         """LM loss at the supervised answer tokens only (never the (B, L, V) logits) plus the head loss."""
-        inputs, cfg = self.lm_inputs(batch), self.cfg
+        inputs, cfg, unused = self.lm_inputs(batch), self.cfg, 0
+        if "mm_encoder_outputs" not in inputs and self.training:  # a text-only batch (replay, skipped videos) runs
+            # the tower on a blank frame, before the LM as a video does: every rank runs FSDP's collectives in the
+            # same order, and DDP finds every parameter
+            tower = self.llava.model.vision_tower
+            blank = torch.zeros((1, 1, 3, self.spec.size, self.spec.size), dtype=tower.dtype, device=self.llava.device)
+            unused = 0 * self.video_features(blank).sum()
         out = self.llava.model(**inputs, use_cache=False,
                                output_hidden_states=cfg.action_tokens > 0 and cfg.supervise_layer != "last")
         h = out.last_hidden_state  # after the final norm, as is hidden_states[-1]
-        unused = h.new_zeros(())
-        if "mm_encoder_outputs" not in inputs and self.training:  # a text-only batch (replay, skipped videos)
-            # runs the tower on a blank frame: every rank runs the same FSDP collectives, DDP finds every parameter
-            blank = h.new_zeros((1, 1, 3, self.spec.size, self.spec.size), dtype=self.llava.model.vision_tower.dtype)
-            unused = 0 * self.video_features(blank).sum()
         target = batch["labels"].to(h.device)[:, 1:]  # position t predicts token t + 1
         supervised = target != -100
         logits = self.llava.lm_head(h[:, :-1][supervised]).float()

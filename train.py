@@ -162,12 +162,14 @@ def export(model, out, dtype, rank):
 def check_mqa(raw, rows, args, autocast, log, say, step):
     """The in-training MQA check, logged and printed: accuracy by option letter and text, over all ranks. Each rank
     scores rows[rank::world], padded with uncounted repeats to equal batch counts so FSDP's collectives line up.
-    structured.py calls LLaVA's submodules, which FSDP's root hooks would not unshard: all units are gathered and
-    resharded after (the root initialised first, or before the first training forward a unit makes itself root)."""
+    structured.py calls LLaVA's submodules, which FSDP's root hooks would not unshard: all units are gathered once
+    and kept so (ranks may make different numbers of forwards: clips skipped, option texts in more passes), then
+    resharded (the root initialised first, or before the first training forward a unit makes itself root)."""
     units = [m for m in raw.modules() if isinstance(m, FSDPModule)]
     if units:
         raw._get_fsdp_state()._lazy_init()
     for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     rank, world, k_options = dist.get_rank(), dist.get_world_size(), len(rows[0]["options"])
     share = list(range(rank, len(rows), world))
@@ -188,6 +190,7 @@ def check_mqa(raw, rows, args, autocast, log, say, step):
             counts += torch.tensor([good and letter[j] == truth, good and text[j] == truth, good, not good])
     raw.train(was_training)
     for m in units:
+        m.set_reshard_after_forward(m is not raw, recurse=False)  # as fully_shard left them: the root keeps its own
         m.reshard()
     counts = counts.to(raw.llava.device)
     dist.all_reduce(counts)
@@ -390,6 +393,7 @@ def resolve_args(argv):
     args = parser.parse_args(argv)
     if first.resume and first.out is None:  # a resumed run continues in its own folder unless told otherwise
         args.out = first.resume
+    args.train_file = first.train_file or args.train_file  # append would add the given files to the layered ones
     args.train_file = [f for arg in args.train_file or [] for f in arg.split(",") if f]
     args.video_root = args.video_root or (args.annotations and str(Path(args.annotations) / "videos"))
     args.out = args.out or str(Path("runs") / Path(args.base).name)

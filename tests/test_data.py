@@ -187,7 +187,8 @@ def test_clamping_is_counted_and_a_clip_past_the_end_is_an_error(layouts):
         frames, clamped = data.load_clip(root, "P01_01", 38.0, 42.0, 4)  # times 38.5 39.5 40.5 41.5
         assert clamped == 2 and [read_index(f) for f in frames] == [385, 395, 399, 399]
         assert data.video_duration(root, "P01_01") == pytest.approx(40.0)
-        with pytest.raises(RuntimeError, match=r"clip 40\.00-42\.00 s of P01_01 starts after the video ends \(40\.00 s"):
+        with pytest.raises(RuntimeError,
+                           match=r"clip 40\.00-42\.00 s of P01_01 starts after the video ends \(40\.00 s"):
             data.load_clip(root, "P01_01", 40.0, 42.0, 4)
     # decoder-side resize (decord 0.6.0 fails at a few small widths: 16, 24, 48, 72; 32 to 512 work)
     frames, _ = data.load_clip(layouts[0], "P01_01", 0, 4, 2, size=(32, 40))

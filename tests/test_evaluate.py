@@ -104,7 +104,8 @@ def test_questions_are_asked_as_the_checkpoint_was_trained(kitchen, tmp_path):
     assert (args["prompt_style"], args["perspective"]) == ("paper", "allo")
     letters = trained.tokenizer.convert_tokens_to_ids(list("ABCDE"))
     for row, pred in zip(data.read_jsonl(kitchen / "ek100_mqa_tim_k5.jsonl"), predictions(tmp_path / "out")):
-        lp, n = prompt_logprobs(trained.eval(), kitchen / "videos", row, data.mqa_question(row["options"], "paper", "allo"))
+        question = data.mqa_question(row["options"], "paper", "allo")
+        lp, n = prompt_logprobs(trained.eval(), kitchen / "videos", row, question)
         np.testing.assert_allclose(pred["option_scores"], lp[n - 1, letters].log_softmax(-1).numpy(), atol=1e-4)
     run_cli(kitchen, tmp_path / "ego", "--limit", 1, "--perspective", "ego", ckpt=tmp_path / "ckpt")
     assert json.loads((tmp_path / "ego" / "args.json").read_text())["perspective"] == "ego"
@@ -227,9 +228,10 @@ def test_two_stage_predicts_within_top_k_from_shuffled_options(kitchen, tmp_path
     assert m["recognizer_top1"] == pytest.approx(np.mean(top[:, 0] == truth))
     assert m["topk_recall"] == pytest.approx(np.mean((top == truth[:, None]).any(1))) and m["options"] == 20
     candidates = tmp_path / "candidates.jsonl"  # mine.py --topk's file gives the same rows and predictions
-    mine.main(["--model", "tim", "--annotations", str(kitchen), "--topk", "20", "--text", "label", "--out", str(candidates)])
-    assert run_cli(kitchen, tmp_path / "c", "--mode", "two_stage", "--candidates", candidates)[str(FRAMES)]["accuracy"] \
-        == m["accuracy"]
+    mine.main(["--model", "tim", "--annotations", str(kitchen), "--topk", "20", "--text", "label",
+               "--out", str(candidates)])
+    got = run_cli(kitchen, tmp_path / "c", "--mode", "two_stage", "--candidates", candidates)
+    assert got[str(FRAMES)]["accuracy"] == m["accuracy"]
     assert predictions(tmp_path / "c") == preds
 
 
@@ -433,7 +435,8 @@ def test_trained_checkpoint_keeps_its_action_token(kitchen, tmp_path, capsys):
         trained.action_embeds.normal_(0, 3)
     trained.save(tmp_path / "ckpt")
     run_cli(kitchen, tmp_path / "out", "--limit", 4, ckpt=tmp_path / "ckpt")
-    loaded, rows = model_lib.load_for_eval(tmp_path / "ckpt", torch.device("cpu")), data.read_jsonl(kitchen / "ek100_mqa_tim_k5.jsonl")
+    loaded = model_lib.load_for_eval(tmp_path / "ckpt", torch.device("cpu"))
+    rows = data.read_jsonl(kitchen / "ek100_mqa_tim_k5.jsonl")
     assert loaded.cfg.action_tokens == 1
     letters = loaded.tokenizer.convert_tokens_to_ids(list("ABCDE"))
     for row, pred in zip(rows, predictions(tmp_path / "out")):
@@ -486,8 +489,8 @@ def test_plot_writes_pngs_of_the_expected_size(tmp_path, capsys):
         assert Image.open(path).size == (evaluate.PLOT_WIDTH, plot_height(bars))
     del setting["by_difficulty"]  # a single setting without the frames level, as compute_metrics returns it
     (tmp_path / "one.json").write_text(json.dumps(setting))
-    assert [p.name for p in evaluate.plot_metrics(tmp_path / "one.json", tmp_path / "one")] == ["per_verb.png",
-                                                                                                 "per_noun.png"]
+    written = evaluate.plot_metrics(tmp_path / "one.json", tmp_path / "one")
+    assert [p.name for p in written] == ["per_verb.png", "per_noun.png"]
 
 
 def test_plot_reads_what_evaluate_writes(tmp_path):

@@ -71,6 +71,10 @@ def test_flags_win_over_the_resumed_run_over_the_preset_over_the_defaults(tmp_pa
     resumed, preset = train.resolve_args(["--resume", str(run), "--lr-vision", "3e-4"])
     assert (resumed.frames, resumed.lr_vision, resumed.lr, resumed.out) == (4, 3e-4, 1e-5, str(run))
     assert "frames" not in preset and preset["batch_size"] == 16
+    given = ["--train-file", "mine.jsonl"]  # a given file replaces the preset's and the resumed run's, never adds
+    assert train.resolve_args(["--data", "toy", "--annotations", str(tmp_path), *given])[0].train_file == given[1:]
+    assert train.resolve_args(["--resume", str(run), *given])[0].train_file == given[1:]
+    assert resumed.train_file == args.train_file  # none given: the resumed run's
     args, _ = train.resolve_args(["--annotations", "A", "--train-file", "x.jsonl,y.jsonl", "--train-file", "z.jsonl"])
     assert args.train_file == ["x.jsonl", "y.jsonl", "z.jsonl"] and args.lr == 1e-5 and args.batch_size == 64
     assert args.prompt_style is None and args.temporal == "paper"  # the base's own style; the paper's temporal form
@@ -172,6 +176,16 @@ def test_two_ranks_match_one_process(toy, tmp_path, parallel):
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert w1.keys() == w2.keys()
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1 if w1[k].is_floating_point())
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_with_different_batches_match_one_model(toy_root):
+    """A text-only micro-batch on one rank beside a video on the other, and an MQA check where one rank's clips all
+    fail: FSDP's collectives still pair up across ranks, and losses and accuracies are the unsharded model's."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(ROOT / "tests" / "fsdp_uneven_ranks.py"), str(toy_root)], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.count(": ok") == 2, p.stdout[-2000:] + p.stderr[-4000:]
 
 
 def test_missing_video_names_the_file_unless_skip_bad(toy, tmp_path):
