@@ -124,10 +124,11 @@ def label_text(verb_key, noun_key):
 
 
 def read_csv_rows(path, columns):
-    """The rows of a CSV that must have `columns`; an empty file or one with only a header is an error."""
-    with open(path, newline="") as f:
+    """[(line number, row)] of a CSV that must have `columns` (a UTF-8 BOM is allowed); an empty file or one with only
+    a header is an error. The line is where the row ends in the file (blank lines skipped, quoted newlines counted)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        rows, fieldnames = list(reader), reader.fieldnames
+        rows, fieldnames = [(reader.line_num, row) for row in reader], reader.fieldnames
     if not fieldnames:
         raise ValueError(f"{path} is empty; expected a CSV with columns {list(columns)}")
     missing = [c for c in columns if c not in fieldnames]
@@ -139,7 +140,7 @@ def read_csv_rows(path, columns):
 
 
 def read_class_keys(path):
-    keys = {int(r["id"]): r["key"] for r in read_csv_rows(path, ("id", "key"))}
+    keys = {int(r["id"]): r["key"] for _, r in read_csv_rows(path, ("id", "key"))}
     if sorted(keys) != list(range(len(keys))):
         raise ValueError(f"{path}: class ids must be 0..{len(keys) - 1} without gaps")
     return [keys[i] for i in range(len(keys))]
@@ -148,11 +149,11 @@ def read_class_keys(path):
 def read_segments(path):
     """The official EPIC CSV unchanged, or the minimal generic one (ids made from the row)."""
     segments = []
-    for line, row in enumerate(read_csv_rows(path, SEGMENT_COLUMNS), start=2):
+    for k, (line, row) in enumerate(read_csv_rows(path, SEGMENT_COLUMNS)):
         try:
             video_id = row["video_id"]
             segments.append(Segment(
-                id=row.get("narration_id") or f"{video_id}_{line - 2}", video_id=video_id,
+                id=row.get("narration_id") or f"{video_id}_{k}", video_id=video_id,
                 participant=row.get("participant_id") or video_id.split("_")[0],
                 start=parse_time(row["start_timestamp"]), end=parse_time(row["stop_timestamp"]),
                 narration=row["narration"], verb_class=int(row["verb_class"]), noun_class=int(row["noun_class"])))
@@ -176,7 +177,7 @@ def load_annotations(root, splits=("train", "validation")):
                 raise ValueError(f"{root / SPLIT_FILES[split]}: segment {s.id} has verb {s.verb_class} / noun "
                                  f"{s.noun_class}, outside {VERB_FILE} ({len(verbs)}) / {NOUN_FILE} ({len(nouns)})")
     if (root / ACTIONS_FILE).exists():
-        rows = read_csv_rows(root / ACTIONS_FILE, ("id", "verb_class", "noun_class"))
+        rows = [r for _, r in read_csv_rows(root / ACTIONS_FILE, ("id", "verb_class", "noun_class"))]
         if [int(r["id"]) for r in rows] != list(range(len(rows))):
             raise ValueError(f"{root / ACTIONS_FILE}: ids must be 0..{len(rows) - 1} in order")
         pairs = [[int(r["verb_class"]), int(r["noun_class"])] for r in rows]
@@ -184,8 +185,16 @@ def load_annotations(root, splits=("train", "validation")):
     else:  # action ids as TIM, AVION and RULSTM number them: distinct 'verb:noun' strings sorted as strings
         keys = sorted({f"{s.verb_class}:{s.noun_class}" for ss in loaded.values() for s in ss})
         vocab = ActionVocab(verbs, nouns, np.array([[int(x) for x in k.split(":")] for k in keys], dtype=np.int64))
-        write_atomic(root / ACTIONS_FILE, "id,verb_class,noun_class,label\n" + "".join(
-            f"{i},{v},{n},{vocab.labels[i]}\n" for i, (v, n) in enumerate(vocab.pairs)))
+        if len(loaded) < len(SPLIT_FILES):
+            warnings.warn(f"{root}: action ids numbered over {'/'.join(loaded)} alone ({len(vocab)} actions); a "
+                          f"recognizer's scores are over those of train + validation: add the missing CSV (and "
+                          f"delete {ACTIONS_FILE}) before mining with real scores", stacklevel=2)
+        try:
+            write_atomic(root / ACTIONS_FILE, "id,verb_class,noun_class,label\n" + "".join(
+                f"{i},{v},{n},{vocab.labels[i]}\n" for i, (v, n) in enumerate(vocab.pairs)))
+        except OSError as e:  # a read-only annotation folder: the same ids are made again on every load
+            warnings.warn(f"cannot write {root / ACTIONS_FILE} ({e}); action ids are rebuilt on every load",
+                          stacklevel=2)
     narrations = {}
     for split, segs in loaded.items():
         for s in segs:

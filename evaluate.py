@@ -40,6 +40,7 @@ import model as model_lib
 import structured
 
 MODES, SCORES = ("mqa", "two_stage", "multi_round"), ("letter", "text", "generate")
+TOPK = 20  # two-stage candidates unless --topk or --candidates says otherwise (lettered A-T)
 # flags a prediction depends on, in every mode and in each: a resume must match them, and only them (mqa: not --seed)
 RESUME_KEYS = ("mode", "ckpt", "weights", "random_init", "annotations", "prompt_style", "perspective", "time_prompt")
 MODE_KEYS = {"mqa": ("benchmark", "score", "reduce", "sap"), "multi_round": ("split", "reduce"),
@@ -63,6 +64,9 @@ def benchmark_rows(path, root):
             raise ValueError(f"{path}: row {r.get('id')} lacks {missing}; expected mine.py's MQA rows")
     if len({len(r["options"]) for r in rows}) > 1:
         raise ValueError(f"{path}: rows have different numbers of options; a benchmark uses one K")
+    if repeated := [i for i, n in Counter(r["id"] for r in rows).items() if n > 1]:
+        raise ValueError(f"{path}: ids repeat ({repeated[:3]}...; a training file drawn several times?): a benchmark "
+                         "asks each segment once")
     return rows
 
 
@@ -72,10 +76,15 @@ def two_stage_rows(ann, args):
     score like the recognizer's top-1); option_ranks keeps each one's rank."""
     if args.candidates:
         rows = benchmark_rows(args.candidates, ann.root)
-        ids = {s.id for s in ann.segments(args.split)}
-        if any(r["id"] not in ids for r in rows):
-            raise ValueError(f"{args.candidates} holds rows that are not {args.split} segments of {ann.root}")
+        ids, n = {s.id for s in ann.segments(args.split)}, len(rows[0]["options"])
+        if any(r["id"] not in ids or r.get("task") != "candidates" for r in rows):
+            raise ValueError(f"{args.candidates}: expected mine.py --topk's candidate rows (task 'candidates': the top "
+                             f"N in rank order, the truth not added) of {args.split} segments of {ann.root}")
+        if args.topk not in (None, n):
+            raise ValueError(f"{args.candidates} holds each row's top {n}, not --topk {args.topk}: drop --topk")
+        args.topk = n  # recorded in args.json as what was evaluated
     else:
+        args.topk = args.topk or TOPK
         scores = mine.read_scores(args.scores, ann, args.split)
         rows = mine.mine(ann, args.split, scores, topk=args.topk, text=args.text, seed=args.seed)
     rng = np.random.default_rng(args.seed)
@@ -242,7 +251,7 @@ def read_ratings(path):
     (narration_id or id) and a level column (level or difficulty)."""
     if Path(path).suffix == ".json":
         return {str(k): str(v) for k, v in json.loads(Path(path).read_text()).items()}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the first column's name
         reader = csv.DictReader(f)
         id_col = next((c for c in ("narration_id", "id") if c in (reader.fieldnames or [])), None)
         level_col = next((c for c in ("level", "difficulty") if c in (reader.fieldnames or [])), None)
@@ -372,7 +381,7 @@ def build_parser():
     p.add_argument("--benchmark", help=f"mqa: MQA JSONL; default {{annotations}}/{data.BENCHMARK}")
     p.add_argument("--scores", help="two_stage: recognizer scores; default {annotations}/scores/tim_{split}.npz")
     p.add_argument("--candidates", help="two_stage: mine.py --topk's candidate file instead of --scores")
-    p.add_argument("--topk", type=int, default=20, help="two_stage: candidates (lettered A.., 20 = A-T)")
+    p.add_argument("--topk", type=int, help=f"two_stage: candidates, lettered A.. (default {TOPK}; --candidates: N)")
     p.add_argument("--text", choices=mine.TEXTS, default="label", help="two_stage option texts: class labels, or "
                    "a narration drawn per class (the truth's own when it is among them, a small leak)")
     p.add_argument("--seed", type=int, default=0, help="two_stage: the options' shuffle before lettering (and, "

@@ -90,8 +90,11 @@ def read_scores(path, ann, split, trust_pickle=False):
     """(N, A) float32 scores aligned to ann.segments(split): the file may hold a superset of its rows, in any order."""
     ids, scores = load_score_file(path, ann, split, trust_pickle)
     if scores.shape[1] != len(ann.vocab):
-        raise ValueError(f"{path} scores {scores.shape[1]} classes but {Path(ann.root) / 'actions.csv'} defines "
-                         f"{len(ann.vocab)} action ids; scores must be over the ids of actions.csv")
+        fix = (f" (only {'/'.join(ann.splits)} annotations in {ann.root}: add the other split's CSV and delete "
+               f"{data.ACTIONS_FILE} to number EPIC's train + validation actions)"
+               if len(ann.splits) < len(data.SPLIT_FILES) else "")  # one split's ids miss the other's actions
+        raise ValueError(f"{path} scores {scores.shape[1]} classes but {Path(ann.root) / data.ACTIONS_FILE} defines "
+                         f"{len(ann.vocab)} action ids; scores must be over its ids{fix}")
     segs = ann.segments(split)
     where = {i: r for r, i in enumerate(ids)}
     rows = np.array([where.get(s.id, -1) for s in segs], dtype=np.int64)

@@ -128,6 +128,36 @@ def test_bad_annotations_name_the_problem(epic, tmp_path):
         data.load_annotations(epic)
 
 
+def test_a_bom_and_blank_lines_keep_ids_and_line_numbers(epic, tmp_path):
+    """Excel saves CSVs with a BOM: the first column must still be narration_id, not '\ufeffnarration_id'."""
+    path = epic / "EPIC_100_validation.csv"
+    lines = path.read_text().splitlines()
+    want = [s.id for s in data.read_segments(path)]
+    bom = tmp_path / "bom.csv"
+    bom.write_text("\n".join(lines) + "\n", encoding="utf-8-sig")
+    assert bom.read_bytes()[:3] == b"\xef\xbb\xbf" and [s.id for s in data.read_segments(bom)] == want
+    bad = lines[6].split(",")
+    bad[4] = "xx:00:01.00"  # start_timestamp of the record on physical line 8, after a blank line
+    blank = tmp_path / "blank.csv"
+    blank.write_text("\n".join(lines[:3] + [""] + lines[3:6] + [",".join(bad)] + lines[7:]) + "\n")
+    with pytest.raises(ValueError, match=r"blank\.csv, line 8: cannot read time 'xx:00:01.00'"):
+        data.read_segments(blank)
+
+
+def test_action_ids_of_one_split_warn_and_a_read_only_root_still_loads(epic, monkeypatch):
+    with pytest.warns(UserWarning, match=r"action ids numbered over validation alone .*train \+ validation"):
+        ann = data.load_annotations(epic)
+    (epic / "actions.csv").unlink()
+
+    def read_only(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(data, "write_atomic", read_only)
+    with pytest.warns(UserWarning, match=r"cannot write .*actions\.csv .*rebuilt on every load"):
+        again = data.load_annotations(epic)
+    assert not (epic / "actions.csv").exists() and again.vocab.labels == ann.vocab.labels
+    assert [s.action_class for s in again.segments("validation")] == [s.action_class for s in ann.splits["validation"]]
+
+
 # -----------------------------------------------------------------------------
 # clips: an index-coded video in the flat, original and AVION-chunked layouts
 

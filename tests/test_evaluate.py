@@ -374,9 +374,21 @@ def test_bad_inputs_write_nothing_and_the_corrected_run_runs(kitchen, tmp_path, 
     assert "pass it or --scores, not both" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no_ratings.csv"):
         run_cli(kitchen, out, "--ratings", tmp_path / "no_ratings.csv")
+    with pytest.raises(ValueError, match=r"expected mine\.py --topk's candidate rows"):  # the benchmark: truth added
+        run_cli(kitchen, out, "--mode", "two_stage", "--candidates", kitchen / data.BENCHMARK)
+    top5 = tmp_path / "top5.jsonl"
+    mine.main(["--annotations", str(kitchen), "--topk", "5", "--text", "label", "--out", str(top5)])
+    with pytest.raises(ValueError, match=r"top5\.jsonl holds each row's top 5, not --topk 20"):
+        run_cli(kitchen, out, "--mode", "two_stage", "--candidates", top5, "--topk", 20)
+    drawn_twice = tmp_path / "drawn_twice.jsonl"  # a training file mined twice: the same segments again
+    data.write_jsonl_atomic(drawn_twice, data.read_jsonl(kitchen / data.BENCHMARK)[:3] * 2)
+    with pytest.raises(ValueError, match=r"drawn_twice\.jsonl: ids repeat"):
+        run_cli(kitchen, out, "--benchmark", drawn_twice)
     assert not out.exists() and not (tmp_path / "missing_ckpt").exists()  # nothing written, nothing to block
     m = run_cli(kitchen, out, "--mode", "two_stage", "--topk", 5)[str(FRAMES)]  # the corrected command
     assert m["n"] == 30 and m["options"] == 5
+    run_cli(kitchen, tmp_path / "c5", "--mode", "two_stage", "--candidates", top5)  # N from the file, as recorded
+    assert json.loads((tmp_path / "c5" / "args.json").read_text())["topk"] == 5
 
 
 def test_an_empty_split_stops_before_writing(kitchen, tmp_path):

@@ -221,6 +221,18 @@ def test_bad_scores_raise_naming_the_file(toy_root, ann, tim, tmp_path):
         mine.read_scores(tmp_path / "wrong.json", ann, "validation")
 
 
+def test_scores_over_more_actions_than_one_split_has_say_how_to_renumber(tmp_path):
+    """Only the validation CSV: its actions alone are numbered, and a recognizer's scores over all of EPIC's fail."""
+    root = shutil.copytree(EPIC, tmp_path / "epic100")
+    with pytest.warns(UserWarning, match="validation alone"):
+        ann = data.load_annotations(root)
+    segs = ann.segments("validation")
+    np.savez(tmp_path / "tim.npz", ids=np.array([s.id for s in segs]), scores=np.zeros((len(segs), 3806)))
+    with pytest.raises(ValueError, match=r"only validation annotations in .*add the other split's CSV and delete "
+                                         r"actions\.csv"):
+        mine.read_scores(tmp_path / "tim.npz", ann, "validation")
+
+
 def test_score_file_without_scores_lists_its_keys(ann, tmp_path):
     np.savez(tmp_path / "logits.npz", ids=np.array(["a"]), logits=np.zeros((1, 3)))
     with pytest.raises(ValueError, match=r"logits\.npz: expected 'ids' .* and 'scores' .*found \['ids', 'logits'\]"):
