@@ -80,7 +80,8 @@ def grid_by_hand(llava, pixels):
     """The grid layout built independently: tower hidden_states[-1], projector, bilinear pool to g x g, then
     row by row: the g tokens of each row followed by the newline embedding; frames one after another."""
     t = pixels.shape[0]
-    feats = llava.model.multi_modal_projector(llava.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1])
+    tower = llava.model.vision_tower(pixels, output_hidden_states=True)
+    feats = llava.model.multi_modal_projector(tower.hidden_states[-1])
     p = int(feats.shape[1] ** 0.5)
     g = -(-p // 2)
     pooled = F.interpolate(feats.view(t, p, p, -1).permute(0, 3, 1, 2), size=(g, g), mode="bilinear")
@@ -288,7 +289,8 @@ def test_real_shapes_on_meta_device():
     assert 8.0e9 < video.num_parameters() < 8.1e9  # LLaVA-Video-7B-Qwen2: about 8.03B
     assert saved["video_layout"] == "grid" and M.vision_spec(video.config, "grid").tokens_per_frame == 210
     assert action.spec.tokens_per_frame == 210 and action.cfg.action_tokens == 1 and action.cfg.time_instruction
-    assert (action.verb_head.out_features, action.noun_head.out_features, action.action_head.out_features) == (97, 300, 3806)
+    heads = (action.verb_head, action.noun_head, action.action_head)
+    assert tuple(h.out_features for h in heads) == (97, 300, 3806)
     assert small.get_input_embeddings().num_embeddings == 152000 and small.config.tie_word_embeddings
     assert 0.88e9 < small.num_parameters() < 0.9e9  # llava-onevision-qwen2-0.5b: about 0.89B
     assert small.model.apply_pooling(torch.randn(2, 27 * 27, 8)).shape == (2, 196, 8)
@@ -314,7 +316,8 @@ def placed_by_hand(sd, tokenizer, tied):
     text = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096, rms_norm_eps=1e-6,
                        rope_theta=1e6, tie_word_embeddings=tied)
-    config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**M.TINY_VISION).to_dict(), text_config=text.to_dict(),
+    vision = SiglipVisionConfig(**M.TINY_VISION).to_dict()
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text.to_dict(),
                                   image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                                   video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
                                   vision_feature_select_strategy="full", tie_word_embeddings=tied)
@@ -371,7 +374,8 @@ def test_conversion_keeps_bf16_and_writes_a_plain_transformers_folder(tmp_path):
               tmp_path / "next" / "model.safetensors", metadata={"format": "pt"})
     out = M.convert(tmp_path / "next", tmp_path / "out")
     converted = load_file(out / "model.safetensors")
-    assert {v.dtype for v in converted.values()} == {torch.bfloat16} and len(converted) == len(sd) - 4 - 2  # heads, inv_freq
+    assert {v.dtype for v in converted.values()} == {torch.bfloat16}
+    assert len(converted) == len(sd) - 4 - 2  # the heads, inv_freq
     assert set(torch.load(out / "heads.pt", weights_only=True)) == set(M.HEAD_KEYS)
     plain, info = LlavaOnevisionForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -401,7 +405,6 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
                                          r"unexpected \['model.language_model.mystery.weight'\]"):
         M.convert(tmp_path / "next", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-
 
 
 @pytest.mark.parametrize("merge, newline", [("flat", "grid"), ("spatial", "one_token"), ("unpad", "grid")])
@@ -438,10 +441,11 @@ def test_a_conversion_is_never_reused_for_other_weights(tmp_path):
     with pytest.raises(ValueError, match="its weights have changed since: delete"):
         M.resolve(tmp_path / "a" / "checkpoint-1000", cache=tmp_path / "cache")
 
+
 def test_convert_cli(tmp_path):
     make_next_checkpoint(tmp_path / "next", action_tokens=3)
-    res = subprocess.run([sys.executable, str(ROOT / "model.py"), "convert", str(tmp_path / "next"), str(tmp_path / "out")],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, str(ROOT / "model.py"), "convert", str(tmp_path / "next"),
+                          str(tmp_path / "out")], capture_output=True, text=True, check=True)
     assert "video layout grid, 3 action token(s), time instruction on" in res.stdout
     assert json.loads((tmp_path / "out" / "action.json").read_text())["action_tokens"] == 3
 
@@ -469,7 +473,8 @@ print(m.spec.video_tokens(2), tuple(scores.shape), resource.getrusage(resource.R
 """.format(root=str(ROOT))
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    tokens, shape, peak_gb = res.stdout.split("(")[0].split()[0], res.stdout.split(")")[0] + ")", float(res.stdout.split()[-1])
+    tokens, shape = res.stdout.split("(")[0].split()[0], res.stdout.split(")")[0] + ")"
+    peak_gb = float(res.stdout.split()[-1])
     assert tokens == "420" and "(1, 2)" in shape and peak_gb < 10, res.stdout
 
 

@@ -43,7 +43,8 @@ def full_logprobs(model, batch, b, continuation=()):
     """Reference: one full forward of row b unpadded (plus a continuation), fp32 log-probs at every position."""
     n = int(batch["attention_mask"][b].sum())
     ids = torch.cat([batch["input_ids"][b, :n], torch.tensor(continuation, dtype=torch.long)])[None]
-    row = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=batch["pixel_values_videos"][b:b + 1])
+    row = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+               pixel_values_videos=batch["pixel_values_videos"][b:b + 1])
     logits = model.llava.lm_head(model.llava.model(**model.lm_inputs(row)).last_hidden_state)[0]
     return logits.float().log_softmax(-1), n
 
@@ -117,7 +118,8 @@ def test_multi_round_equals_one_full_forward_per_candidate(attn, layout):
 def test_option_texts_equal_a_full_forward_per_option(model):
     """--score text: each row's options scored as whole answers (their tokens plus <|im_end|>), mean
     log-likelihood, against one full forward of the prompt plus each option; rows with different options."""
-    options = [["take plate", "open the fridge door", "wash cup", "cut"], ["put-down coffee maker", "cut", "mix", "dry hands"]]
+    options = [["take plate", "open the fridge door", "wash cup", "cut"],
+               ["put-down coffee maker", "cut", "mix", "dry hands"]]
     batch = make_batch(model, [data.mqa_question(o) for o in options])
     assert right_padded(batch)
     for reduce in ("mean", "sum"):

@@ -56,7 +56,8 @@ def test_official_prompts_verbatim():
     assert data.mqa_question(["x", "y"], priors=[(5.0, "open tap"), (2.25, "wash cup")]) == (
         EGO + "\n5.0 seconds ago, you started an action open tap. 2.25 seconds ago, you started an action wash cup. "
         "What action are you currently performing? Here are the options of actions you can select:\nA. x, B. y")
-    assert data.direct_question() == EGO + " What action are you performing? Give a short sentence such as 'move knife'."
+    assert data.direct_question() == EGO + (" What action are you performing? Give a short sentence such as "
+                                            "'move knife'.")
     assert data.caption_question() == EGO + (" Describe in details what you see from the video frames. You must talk "
                                              "in the first person perspective. Try to focus on what you are doing. ")
     assert data.mqa_question(["x"], perspective="allo") == (
@@ -70,7 +71,8 @@ def test_paper_prompts():
     assert data.mqa_question(["x", "y"], "paper", priors=[(5.0, "open tap"), (2.25, "wash cup")]) == (
         "5.00 seconds ago, you started an action open tap. 2.25 seconds ago, you started an action wash cup. What "
         "action are you currently performing? Here are the options of actions you can select:\nA. x\nB. y")
-    assert data.direct_question("paper") == "What action are you performing? Give a short sentence such as 'move knife'."
+    assert data.direct_question("paper") == ("What action are you performing? Give a short sentence such as "
+                                             "'move knife'.")
     assert data.caption_question("paper") == ("Describe in details what you see from the video frames. Try to focus "
                                               "on what you are doing.")
 
@@ -116,7 +118,7 @@ def test_encode_conversation_supervises_the_answer_only(tok):
     ids, labels = data.encode_conversation(tok, "What action?", "B. take the plate", 9, 1, supervise="answers")
     prompt, prompt_labels = data.encode_conversation(tok, "What action?", None, 9, 1)
     assert ids[:len(prompt)] == prompt and set(prompt_labels) == {-100}
-    assert all(l == -100 for l in labels[:len(prompt)]) and labels[len(prompt):-1] == ids[len(prompt):-1]
+    assert all(t == -100 for t in labels[:len(prompt)]) and labels[len(prompt):-1] == ids[len(prompt):-1]
     assert supervised_text(tok, ids, labels) == "B. take the plate<|im_end|>"
     assert tok.decode(prompt).endswith("What action?<|im_end|>\n<|im_start|>assistant\n")
     # multi-turn: every answer and its <|im_end|>, never the newline or the next user turn
@@ -159,7 +161,8 @@ def test_video_placeholders_then_action_token(toy_root, ann, tok, spec):
     ids = item["input_ids"].tolist()
     video, action = tok.convert_tokens_to_ids([data.VIDEO_TOKEN, data.ACTION_TOKEN])
     where = [i for i, t in enumerate(ids) if t == video]
-    assert len(where) == spec.video_tokens(N_FRAMES) == N_FRAMES * (6 if spec.layout == "grid" else 4) + (spec.layout == "hf")
+    per_frame = 6 if spec.layout == "grid" else 4  # 2 x (2 + 1) with row newlines, or 2 x 2
+    assert len(where) == spec.video_tokens(N_FRAMES) == N_FRAMES * per_frame + (spec.layout == "hf")
     assert where == list(range(where[0], where[-1] + 1)) and ids[where[-1] + 1] == action and ids.count(action) == 1
     assert tok.decode(ids[:where[0]]) == SYSTEM
     pixels = item["pixel_values_videos"]
@@ -180,7 +183,8 @@ def test_prior_actions_follow_the_release_rule(ann):
     assert videos["v"] == [0, 1, 2, 3, 4, 5] and before == {2: [0, 1], 5: [3, 4]}  # 3 and 4: a 6 s gap before 3
     _, paper = data.previous_actions(rows, "paper")
     assert paper == {2: [0, 1], 3: [1, 2], 4: [2, 3], 5: [3, 4]}
-    overlapping = [dict(video_id="v", start=0, end=9), dict(video_id="v", start=1, end=2), dict(video_id="v", start=3, end=4)]
+    overlapping = [dict(video_id="v", start=0, end=9), dict(video_id="v", start=1, end=2),
+                   dict(video_id="v", start=3, end=4)]
     assert data.previous_actions(overlapping)[0]["v"] == [1, 2, 0]  # end-time order
     segments = ann.segments("train")
     rows = data.build_training_samples(ann, "train", mqa_rows(segments), np.random.default_rng(0), prior_ratio=1.0,
@@ -194,8 +198,9 @@ def test_prior_actions_follow_the_release_rule(ann):
         if k in eligible:
             p2, p1 = (segments[j] for j in eligible[k])
             now = segments[k]
-            assert (f"{round(now.start - p2.start, 2)} seconds ago, you started an action {p2.narration}. "
-                    f"{round(now.start - p1.start, 2)} seconds ago, you started an action {p1.narration}.") in row["question"]
+            said = (f"{round(now.start - p2.start, 2)} seconds ago, you started an action {p2.narration}. "
+                    f"{round(now.start - p1.start, 2)} seconds ago, you started an action {p1.narration}.")
+            assert said in row["question"]
             assert row["question"].startswith(EGO + "\n") and f"B. {now.narration}, C. " in row["question"]
             assert row["prior_ids"] == [p2.id, p1.id]
     some = data.build_training_samples(ann, "train", mqa_rows(segments), np.random.default_rng(0), temporal=None,
