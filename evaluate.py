@@ -65,8 +65,8 @@ def benchmark_rows(path, root):
     if len({len(r["options"]) for r in rows}) > 1:
         raise ValueError(f"{path}: rows have different numbers of options; a benchmark uses one K")
     if repeated := [i for i, n in Counter(r["id"] for r in rows).items() if n > 1]:
-        raise ValueError(f"{path}: ids repeat ({repeated[:3]}...; a training file drawn several times?): a benchmark "
-                         "asks each segment once")
+        raise ValueError(f"{path}: {len(repeated)} ids repeat (first {repeated[0]}; a training file drawn several "
+                         "times?): a benchmark asks each segment once")
     return rows
 
 

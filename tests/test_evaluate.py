@@ -382,7 +382,7 @@ def test_bad_inputs_write_nothing_and_the_corrected_run_runs(kitchen, tmp_path, 
         run_cli(kitchen, out, "--mode", "two_stage", "--candidates", top5, "--topk", 20)
     drawn_twice = tmp_path / "drawn_twice.jsonl"  # a training file mined twice: the same segments again
     data.write_jsonl_atomic(drawn_twice, data.read_jsonl(kitchen / data.BENCHMARK)[:3] * 2)
-    with pytest.raises(ValueError, match=r"drawn_twice\.jsonl: ids repeat"):
+    with pytest.raises(ValueError, match=r"drawn_twice\.jsonl: 3 ids repeat"):
         run_cli(kitchen, out, "--benchmark", drawn_twice)
     assert not out.exists() and not (tmp_path / "missing_ckpt").exists()  # nothing written, nothing to block
     m = run_cli(kitchen, out, "--mode", "two_stage", "--topk", 5)[str(FRAMES)]  # the corrected command
