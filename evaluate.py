@@ -75,6 +75,10 @@ def two_stage_rows(ann, args):
     shuffled with --seed before lettering (in rank order the truth is option A on about half the rows: answering A would
     score like the recognizer's top-1); option_ranks keeps each one's rank."""
     if args.candidates:
+        if not Path(args.candidates).exists():
+            raise FileNotFoundError(f"{args.candidates} does not exist; write it first: python mine.py --model tim "
+                                    f"--annotations {ann.root} --split {args.split} --topk {TOPK} "
+                                    f"--out {args.candidates}")
         rows = benchmark_rows(args.candidates, ann.root)
         ids, n = {s.id for s in ann.segments(args.split)}, len(rows[0]["options"])
         if any(r["id"] not in ids or r.get("task") != "candidates" for r in rows):
@@ -85,7 +89,7 @@ def two_stage_rows(ann, args):
         args.topk = n  # recorded in args.json as what was evaluated
     else:
         args.topk = args.topk or TOPK
-        scores = mine.read_scores(args.scores, ann, args.split)
+        scores = mine.read_scores(args.scores, ann, args.split, args.trust_pickle)
         rows = mine.mine(ann, args.split, scores, topk=args.topk, text=args.text, seed=args.seed)
     rng = np.random.default_rng(args.seed)
     for r in rows:
@@ -381,6 +385,7 @@ def build_parser():
     p.add_argument("--benchmark", help=f"mqa: MQA JSONL; default {{annotations}}/{data.BENCHMARK}")
     p.add_argument("--scores", help="two_stage: recognizer scores; default {annotations}/scores/tim_{split}.npz")
     p.add_argument("--candidates", help="two_stage: mine.py --topk's candidate file instead of --scores")
+    p.add_argument("--trust-pickle", action="store_true", help="two_stage: allow .pkl scores (a pickle runs code)")
     p.add_argument("--topk", type=int, help=f"two_stage: candidates, lettered A.. (default {TOPK}; --candidates: N)")
     p.add_argument("--text", choices=mine.TEXTS, default="label", help="two_stage option texts: class labels, or "
                    "a narration drawn per class (the truth's own when it is among them, a small leak)")

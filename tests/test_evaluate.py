@@ -3,6 +3,7 @@ independent forwards give, survive a kill, a second process and bad inputs, agre
 it skips."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -380,6 +381,12 @@ def test_bad_inputs_write_nothing_and_the_corrected_run_runs(kitchen, tmp_path, 
     mine.main(["--annotations", str(kitchen), "--topk", "5", "--text", "label", "--out", str(top5)])
     with pytest.raises(ValueError, match=r"top5\.jsonl holds each row's top 5, not --topk 20"):
         run_cli(kitchen, out, "--mode", "two_stage", "--candidates", top5, "--topk", 20)
+    with pytest.raises(FileNotFoundError, match=r"no_top\.jsonl does not exist; write it first: .* --topk 20"):
+        run_cli(kitchen, out, "--mode", "two_stage", "--candidates", tmp_path / "no_top.jsonl")
+    pickled = tmp_path / "tim.pkl"  # the authors' score format: refused unless trusted, then read
+    pickled.write_bytes(pickle.dumps(dict(np.load(kitchen / "scores" / "tim_validation.npz"))))
+    with pytest.raises(ValueError, match="pass --trust-pickle"):
+        run_cli(kitchen, out, "--mode", "two_stage", "--scores", pickled)
     drawn_twice = tmp_path / "drawn_twice.jsonl"  # a training file mined twice: the same segments again
     data.write_jsonl_atomic(drawn_twice, data.read_jsonl(kitchen / data.BENCHMARK)[:3] * 2)
     with pytest.raises(ValueError, match=r"drawn_twice\.jsonl: 3 ids repeat"):
@@ -389,6 +396,8 @@ def test_bad_inputs_write_nothing_and_the_corrected_run_runs(kitchen, tmp_path, 
     assert m["n"] == 30 and m["options"] == 5
     run_cli(kitchen, tmp_path / "c5", "--mode", "two_stage", "--candidates", top5)  # N from the file, as recorded
     assert json.loads((tmp_path / "c5" / "args.json").read_text())["topk"] == 5
+    pm = run_cli(kitchen, tmp_path / "p5", "--mode", "two_stage", "--topk", 5, "--scores", pickled, "--trust-pickle")
+    assert pm[str(FRAMES)]["accuracy"] == m["accuracy"]  # the same scores, read from a pickle
 
 
 def test_an_empty_split_stops_before_writing(kitchen, tmp_path):
