@@ -250,7 +250,8 @@ def test_an_always_a_model_scores_one_in_k_not_the_recognizers_top1(kitchen, tmp
     segs = ann.segments("validation")
     scores = data.simulate_recognizer(segs, ann.vocab, "tim", np.random.default_rng(0))
     np.savez(many / "tim.npz", ids=np.array([s.id for s in segs]), scores=scores)
-    args = Namespace(candidates=None, split="validation", scores=many / "tim.npz", topk=20, text="label", seed=0)
+    args = Namespace(candidates=None, split="validation", scores=many / "tim.npz", topk=20, text="label", seed=0,
+                     trust_pickle=False)
     shuffled = evaluate.two_stage_rows(ann, args)
     found = [r["answer_index"] for r in shuffled if r["answer_index"] >= 0]
     assert len(found) >= 1000 and max(np.bincount(found, minlength=20)) <= 1.5 / 20 * len(found)
