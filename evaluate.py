@@ -53,11 +53,12 @@ PLOT_WIDTH, PLOT_ROW, PLOT_HEADER = 800, 16, 28  # metric plots: height = PLOT_H
 
 
 # samples to evaluate, one dict per segment -----------------------------------
-def benchmark_rows(path, root):
-    """EK100-MQA rows as mine.py writes them; the option actions map a letter back to verb and noun."""
+def benchmark_rows(path, root, mine_flags=f"--split validation --k {mine.K}"):
+    """EK100-MQA rows as mine.py writes them (or its --topk candidates: `mine_flags` is how to write the file); the
+    option actions map a letter back to verb and noun."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"benchmark {path} does not exist; mine it first: python mine.py --model tim "
-                                f"--annotations {root} --split validation --k {mine.K} --out {path}")
+        raise FileNotFoundError(f"{path} does not exist; write it first: python mine.py --model tim "
+                                f"--annotations {root} {mine_flags} --out {path}")
     rows = data.read_jsonl(path)
     for r in rows:
         if missing := [k for k in MQA_FIELDS if k not in r]:
@@ -75,11 +76,7 @@ def two_stage_rows(ann, args):
     shuffled with --seed before lettering (in rank order the truth is option A on about half the rows: answering A would
     score like the recognizer's top-1); option_ranks keeps each one's rank."""
     if args.candidates:
-        if not Path(args.candidates).exists():
-            raise FileNotFoundError(f"{args.candidates} does not exist; write it first: python mine.py --model tim "
-                                    f"--annotations {ann.root} --split {args.split} --topk {TOPK} "
-                                    f"--out {args.candidates}")
-        rows = benchmark_rows(args.candidates, ann.root)
+        rows = benchmark_rows(args.candidates, ann.root, f"--split {args.split} --topk {TOPK}")
         ids, n = {s.id for s in ann.segments(args.split)}, len(rows[0]["options"])
         if any(r["id"] not in ids or r.get("task") != "candidates" for r in rows):
             raise ValueError(f"{args.candidates}: expected mine.py --topk's candidate rows (task 'candidates': the top "
