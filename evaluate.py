@@ -384,8 +384,8 @@ def build_parser():
     p.add_argument("--candidates", help="two_stage: mine.py --topk's candidate file instead of --scores")
     p.add_argument("--trust-pickle", action="store_true", help="two_stage: allow .pkl scores (a pickle runs code)")
     p.add_argument("--topk", type=int, help=f"two_stage: candidates, lettered A.. (default {TOPK}; --candidates: N)")
-    p.add_argument("--text", choices=mine.TEXTS, default="label", help="two_stage option texts: class labels, or "
-                   "a narration drawn per class (the truth's own when it is among them, a small leak)")
+    p.add_argument("--text", choices=mine.TEXTS, help="two_stage option texts: class labels (default), or a "
+                   "narration drawn per class (the truth's own when it is among them, a small leak)")
     p.add_argument("--seed", type=int, default=0, help="two_stage: the options' shuffle before lettering (and, "
                    "with --text narration, the narrations drawn)")
     p.add_argument("--frames", type=int, nargs="+", default=[8], help="one evaluation per value")
@@ -418,8 +418,9 @@ def main(argv):
         for path in plot_metrics(args.plot, args.out or Path(args.plot).parent / "plots"):
             print(f"wrote {path}")
         return
-    if args.candidates and args.scores:
-        parser.error("--candidates already holds the recognizer's top-K: pass it or --scores, not both")
+    if args.candidates and (args.scores or args.text):
+        parser.error("--candidates already holds the recognizer's top-K and their texts (mine.py --topk --text): "
+                     "pass it, or --scores and --text, not both")
     if args.sap and args.mode == "multi_round":
         parser.error("--sap needs options to fill the prior-action prompt: use it with --mode mqa or two_stage")
     if args.limit is not None and args.limit < 1:
@@ -427,7 +428,8 @@ def main(argv):
     root = Path(args.annotations)
     args.video_root = args.video_root or str(root / "videos")
     args.benchmark = args.benchmark or str(root / data.BENCHMARK)
-    args.scores = args.scores or str(root / "scores" / f"tim_{args.split}.npz")
+    if not args.candidates:  # else both stay None in args.json: the file decided them
+        args.scores, args.text = args.scores or str(root / "scores" / f"tim_{args.split}.npz"), args.text or "label"
     scoring = "" if args.score == "letter" or args.mode == "multi_round" else f"_{args.score}"
     args.out = args.out or str(model_lib.results_folder(args.ckpt) / f"eval_{args.mode}{scoring}{'_sap' * args.sap}")
     rank, world, device = model_lib.init_distributed(timeout_minutes=360)  # SAP: ranks can finish far apart

@@ -303,7 +303,8 @@ def main(argv):
     p.add_argument("--k", type=int, default=K, help="options per question (also the k of compare's top-k)")
     p.add_argument("--pool", type=int, default=None, help="draw the K-1 distractors from the top N (default K-1)")
     p.add_argument("--topk", type=int, default=None, help="two-stage candidates: the top N, the truth not added")
-    p.add_argument("--text", choices=TEXTS, default="narration", help="option texts: narrations or class labels")
+    p.add_argument("--text", choices=TEXTS, help="option texts: narrations or class labels (default: narration for "
+                   "MQA; label with --topk, as evaluate.py two_stage reads scores: no truth's own narration leaks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-pickle", action="store_true", help="allow .pkl score files (a pickle runs code)")
     p.add_argument("--out", default=None, help="JSONL to write; default {annotations}/ek100_mqa_{model}_k{K}.jsonl "
@@ -312,6 +313,7 @@ def main(argv):
     args = p.parse_args(argv)
     if args.topk and args.pool:
         p.error("--pool draws MQA distractors; --topk writes the top N as they rank: pass one of them")
+    args.text = args.text or ("label" if args.topk else "narration")
     if args.command:
         if args.command[0] != "compare" or len(args.command) != 3:
             p.error(f"unknown command {' '.join(args.command)!r}; use: python mine.py compare A.npz B.npz")

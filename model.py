@@ -556,7 +556,7 @@ def load_model(name, random_init=False, dtype=None, device=None, tokenizer=None,
                              + ", ".join(f"{k} {given[k]}" for k in clash))
         if given.get("action_tokens", saved["action_tokens"]) != saved["action_tokens"]:
             print(f"checkpoint {name} keeps its {saved['action_tokens']} action token(s) and their heads "
-                  f"(asked for {given['action_tokens']})", file=sys.stderr)
+                  f"(--action-tokens {given['action_tokens']} is for a base without heads)", file=sys.stderr)
         given = {k: v for k, v in given.items() if k not in HEAD_FIELDS + ("action_tokens",)}
     model = ActionLLaVA(llava, tok, ActionConfig(**{**saved, **given}))
     if heads is not None:

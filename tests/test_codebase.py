@@ -60,3 +60,25 @@ def test_nothing_names_a_path_outside_the_repository():
     files = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".txt", ".ini", "")
              and ".git" not in p.parts and "__pycache__" not in p.parts]
     assert not [str(p) for p in files for word in outside if word in p.read_text(errors="ignore")]
+
+
+BENCHMARKS = {  # script: (tiny arguments, what its last lines must report)
+    "bench_mine.py": (["--n", "500", "--a", "300"], "speed-up of the core over the naive reference"),
+    "bench_multi_round.py": (["--repeats", "1", "--actions", "50"], "speed-up:"),
+    "bench_option_text.py": (["--repeats", "1", "--clips", "2"], "same choices: True"),
+    "bench_two_stage.py": (["--clips", "16", "--repeats", "1", "--num-workers", "0"], "clips/s"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(BENCHMARKS))
+def test_benchmarks_run_with_the_scripts_flag_names(script):
+    """The README quotes these scripts: they keep running as the code under them changes, and name a model --ckpt
+    and DataLoader workers --num-workers as evaluate.py does."""
+    source = (ROOT / "tests" / "benchmarks" / script).read_text()
+    assert '"--base"' not in source and '"--workers"' not in source
+    args, expected = BENCHMARKS[script]
+    res = subprocess.run([sys.executable, f"tests/benchmarks/{script}", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert expected in res.stdout

@@ -228,9 +228,8 @@ def test_two_stage_predicts_within_top_k_from_shuffled_options(kitchen, tmp_path
     assert m["accuracy"] == m["action_top1"] == pytest.approx(np.mean([p["pred_action"] for p in preds] == truth))
     assert m["recognizer_top1"] == pytest.approx(np.mean(top[:, 0] == truth))
     assert m["topk_recall"] == pytest.approx(np.mean((top == truth[:, None]).any(1))) and m["options"] == 20
-    candidates = tmp_path / "candidates.jsonl"  # mine.py --topk's file gives the same rows and predictions
-    mine.main(["--model", "tim", "--annotations", str(kitchen), "--topk", "20", "--text", "label",
-               "--out", str(candidates)])
+    candidates = tmp_path / "candidates.jsonl"  # mine.py --topk's file, by default, gives the same rows and predictions
+    mine.main(["--model", "tim", "--annotations", str(kitchen), "--topk", "20", "--out", str(candidates)])
     got = run_cli(kitchen, tmp_path / "c", "--mode", "two_stage", "--candidates", candidates)
     assert got[str(FRAMES)]["accuracy"] == m["accuracy"]
     assert predictions(tmp_path / "c") == preds
@@ -373,13 +372,16 @@ def test_bad_inputs_write_nothing_and_the_corrected_run_runs(kitchen, tmp_path, 
         run_cli(kitchen, out, "--limit", 0)
     with pytest.raises(SystemExit):  # a flag that would be ignored is refused
         run_cli(kitchen, out, "--mode", "two_stage", "--candidates", kitchen / "c.jsonl", "--scores", kitchen / "s.npz")
-    assert "pass it or --scores, not both" in capsys.readouterr().err
+    assert "pass it, or --scores and --text, not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the file's texts are what is scored
+        run_cli(kitchen, out, "--mode", "two_stage", "--candidates", kitchen / "c.jsonl", "--text", "narration")
+    assert "their texts (mine.py --topk --text)" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no_ratings.csv"):
         run_cli(kitchen, out, "--ratings", tmp_path / "no_ratings.csv")
     with pytest.raises(ValueError, match=r"expected mine\.py --topk's candidate rows"):  # the benchmark: truth added
         run_cli(kitchen, out, "--mode", "two_stage", "--candidates", kitchen / data.BENCHMARK)
     top5 = tmp_path / "top5.jsonl"
-    mine.main(["--annotations", str(kitchen), "--topk", "5", "--text", "label", "--out", str(top5)])
+    mine.main(["--annotations", str(kitchen), "--topk", "5", "--out", str(top5)])
     with pytest.raises(ValueError, match=r"top5\.jsonl holds each row's top 5, not --topk 20"):
         run_cli(kitchen, out, "--mode", "two_stage", "--candidates", top5, "--topk", 20)
     with pytest.raises(FileNotFoundError, match=r"no_top\.jsonl does not exist; write it first: .* --topk 20"):
@@ -396,7 +398,8 @@ def test_bad_inputs_write_nothing_and_the_corrected_run_runs(kitchen, tmp_path, 
     m = run_cli(kitchen, out, "--mode", "two_stage", "--topk", 5)[str(FRAMES)]  # the corrected command
     assert m["n"] == 30 and m["options"] == 5
     run_cli(kitchen, tmp_path / "c5", "--mode", "two_stage", "--candidates", top5)  # N from the file, as recorded
-    assert json.loads((tmp_path / "c5" / "args.json").read_text())["topk"] == 5
+    saved = json.loads((tmp_path / "c5" / "args.json").read_text())
+    assert saved["topk"] == 5 and saved["scores"] is None and saved["text"] is None  # the file decided them
     pm = run_cli(kitchen, tmp_path / "p5", "--mode", "two_stage", "--topk", 5, "--scores", pickled, "--trust-pickle")
     assert pm[str(FRAMES)]["accuracy"] == m["accuracy"]  # the same scores, read from a pickle
 

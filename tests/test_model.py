@@ -233,7 +233,8 @@ def test_save_load_round_trip(tmp_path, capsys):
     with pytest.raises(ValueError, match=f"checkpoint {tmp_path} has heads for 5 verbs.*asks for n_verbs 9"):
         M.load_model(tmp_path, n_verbs=9)
     assert M.load_model(tmp_path, action_tokens=1).cfg.action_tokens == 3  # the checkpoint's own count wins
-    assert "keeps its 3 action token(s) and their heads (asked for 1)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "keeps its 3 action token(s) and their heads (--action-tokens 1 is for a base without heads)" in err
 
 
 def test_corrupt_checkpoint_files_name_the_file(tmp_path):

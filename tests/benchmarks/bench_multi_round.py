@@ -2,7 +2,7 @@
 forward of video + prompt + candidate per candidate), side by side in one run.
 
     python tests/benchmarks/bench_multi_round.py                      # tiny model, CPU: same scores, ratio
-    python tests/benchmarks/bench_multi_round.py --base llava-video-7b --random-init --frames 32 --device cuda
+    python tests/benchmarks/bench_multi_round.py --ckpt llava-video-7b --random-init --frames 32 --device cuda
 
 Action texts are EPIC-KITCHENS-100 verb x noun labels from the class files in tests/fixtures. On a real alias
 the naive loop is timed on --naive candidates and extrapolated to all of them.
@@ -80,7 +80,7 @@ def timed(fn, device):
 
 def model_flags(p):
     """The flags both model benchmarks share."""
-    p.add_argument("--base", default="tiny")
+    p.add_argument("--ckpt", default="tiny")
     p.add_argument("--random-init", action="store_true")
     p.add_argument("--tokenizer", default=None, help="--random-init of a real alias: a tokenizer folder, or 'tiny'")
     p.add_argument("--frames", type=int, default=8)
@@ -96,19 +96,19 @@ def main():
     p.add_argument("--naive", type=int, default=None,
                    help="time the naive loop on this many candidates (default: all on tiny, 16 otherwise)")
     args = p.parse_args()
-    tiny = args.base == "tiny"
+    tiny = args.ckpt == "tiny"
     n_actions = args.actions or (600 if tiny else 3806)
     n_naive = args.naive or (n_actions if tiny else 16)
     torch.manual_seed(0)
     dtype = torch.float32 if tiny else torch.bfloat16
     with torch.device(args.device):  # parameters are created on the device: a 7B model never sits on the CPU
-        model = M.load_model(args.base, args.random_init, dtype, tokenizer=args.tokenizer, action_tokens=1).eval()
+        model = M.load_model(args.ckpt, args.random_init, dtype, tokenizer=args.tokenizer, action_tokens=1).eval()
     tokenizer = model.tokenizer
     texts = action_texts(n_actions)
     candidates = candidates_for(model, texts, real_vocab=not tiny and len(tokenizer) < 10_000)
     batch = clip_batch(model, args.frames, args.device)
     trie = S.build_candidate_trie(sorted(set(map(tuple, candidates))))
-    print(f"{args.base}: {args.frames} frames, prompt {batch['input_ids'].shape[1]} tokens, {n_actions} candidates "
+    print(f"{args.ckpt}: {args.frames} frames, prompt {batch['input_ids'].shape[1]} tokens, {n_actions} candidates "
           f"of {sum(map(len, candidates)) / n_actions:.2f} tokens (with <|im_end|>); their trie feeds {len(trie.tokens)} "
           f"positions (passes of {args.chunk} candidates)")
 

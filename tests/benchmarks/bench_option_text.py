@@ -3,7 +3,7 @@ of the batch as one packed trie against the cached prompts) vs one full forward 
 option, side by side in one run; both scores printed to show they are equal.
 
     python tests/benchmarks/bench_option_text.py                          # tiny model, CPU
-    python tests/benchmarks/bench_option_text.py --base llava-ov-0.5b --random-init --tokenizer tiny --frames 16 --device cuda
+    python tests/benchmarks/bench_option_text.py --ckpt llava-ov-0.5b --random-init --tokenizer tiny --frames 16 --device cuda
 """
 import argparse
 import sys
@@ -26,9 +26,9 @@ def main():
     p.add_argument("--options", type=int, default=5, help="options per question (5: EK100-MQA, 20: two-stage)")
     args = p.parse_args()
     torch.manual_seed(0)
-    dtype = torch.float32 if args.base == "tiny" else torch.bfloat16
+    dtype = torch.float32 if args.ckpt == "tiny" else torch.bfloat16
     with torch.device(args.device):
-        model = M.load_model(args.base, args.random_init, dtype, tokenizer=args.tokenizer, action_tokens=1).eval()
+        model = M.load_model(args.ckpt, args.random_init, dtype, tokenizer=args.tokenizer, action_tokens=1).eval()
     texts = action_texts(args.clips * args.options)
     options = [texts[i * args.options:(i + 1) * args.options] for i in range(args.clips)]
     clips = [clip_batch(model, args.frames, args.device, data.mqa_question(o)) for o in options]
@@ -45,8 +45,8 @@ def main():
 
     naive, t_naive = timed(per_option, args.device)
     diff = (packed - naive).abs().max().item()
-    tol = 1e-4 if args.base == "tiny" else 5e-2
-    print(f"{args.base}: {args.clips} clips x {args.options} options, {args.frames} frames, prompts of "
+    tol = 1e-4 if args.ckpt == "tiny" else 5e-2
+    print(f"{args.ckpt}: {args.clips} clips x {args.options} options, {args.frames} frames, prompts of "
           f"{batch['attention_mask'].sum(1).float().mean():.0f} tokens, on {args.device}")
     print(f"max |packed - per option| = {diff:.2e} (tolerance {tol:g}); same choices: "
           f"{bool((packed.argmax(1) == naive.argmax(1)).all())}")

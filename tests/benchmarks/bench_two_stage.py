@@ -1,9 +1,9 @@
 """Two-stage evaluation: share of wall time spent outside the model forward (clip decoding, tokenising, collate,
-Python), with clips decoded in the main process (--workers 0) and by DataLoader workers, side by side. The toy
+Python), with clips decoded in the main process (--num-workers 0) and by DataLoader workers, side by side. The toy
 set's clips are cycled to --clips, so that a worker's start-up is spread as over a real validation set.
 
     python tests/benchmarks/bench_two_stage.py                        # a fresh toy kitchen, tiny model, CPU
-    python tests/benchmarks/bench_two_stage.py --annotations toy --frames 16 --workers 0 2 4
+    python tests/benchmarks/bench_two_stage.py --annotations toy --frames 16 --num-workers 0 2 4
 
 "Forward" is structured.score_options (the one prompt forward per batch and the letter log-softmax), timed
 around the call with a device sync; everything else evaluate.predict does counts as outside.
@@ -45,7 +45,7 @@ def run(model, rows, vocab, args, workers, device):
     batches = evaluate.plan_batches(rows, {}, 0, 1, args.batch_size, False, args.prompt_style)
     t = time.perf_counter()
     n = sum(1 for _ in evaluate.predict(model, rows, batches, args.frames, vocab, argparse.Namespace(
-        **vars(args), num_workers=workers), {}))
+        **{**vars(args), "num_workers": workers}), {}))
     assert n == len(rows)
     return time.perf_counter() - t, spent[0]
 
@@ -54,13 +54,13 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--annotations", default=None, help="toy or EPIC root; default: a fresh toy kitchen (4+2 videos)")
     p.add_argument("--video-root", default=None, help="default {annotations}/videos")
-    p.add_argument("--base", default="tiny")
+    p.add_argument("--ckpt", default="tiny")
     p.add_argument("--random-init", action="store_true", help="with a real alias: its shapes, random weights")
     p.add_argument("--tokenizer", default=None, help="--random-init of a real alias: a tokenizer folder, or 'tiny'")
     p.add_argument("--topk", type=int, default=20)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--num-workers", type=int, nargs="+", default=[0, 1])
     p.add_argument("--clips", type=int, default=960, help="evaluate this many clips (the toy clips, cycled)")
     p.add_argument("--repeats", type=int, default=2, help="passes per setting; the fastest one is reported")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -71,17 +71,18 @@ if __name__ == "__main__":
     device = torch.device(args.device)
     ann = data.load_annotations(root)
     args.__dict__.update(mode="two_stage", score="letter", sap=False, skip_bad=False, candidates=None, split="validation",
-                         scores=root / "scores" / "tim_validation.npz", text="label", seed=0, perspective="ego")
-    model = load_for_eval(args.base, device, args.random_init, args.tokenizer)
+                         scores=root / "scores" / "tim_validation.npz", text="label", seed=0, perspective="ego",
+                         trust_pickle=False)
+    model = load_for_eval(args.ckpt, device, args.random_init, args.tokenizer)
     args.prompt_style, args.time_prompt = model.cfg.prompt_style, model.cfg.time_instruction
     rows = evaluate.ask(evaluate.two_stage_rows(ann, args), args)
     rows = [dict(rows[i % len(rows)], id=f"{rows[i % len(rows)]['id']}#{i}") for i in range(args.clips)]
     vocab = ann.vocab
     run(model, rows[:args.batch_size], vocab, args, 0, device)  # warm-up: first-call allocations and kernel choice
     print(f"two-stage, {len(rows)} clips, top-{args.topk}, {args.frames} frames, batch {args.batch_size}, "
-          f"{args.base} on {device}, torch threads {torch.get_num_threads()}")
+          f"{args.ckpt} on {device}, torch threads {torch.get_num_threads()}")
     print(f"{'workers':>8} {'wall s':>8} {'forward s':>10} {'outside':>8} {'clips/s':>8}")
-    for workers in args.workers:
+    for workers in args.num_workers:
         wall, fwd = min((run(model, rows, vocab, args, workers, device) for _ in range(args.repeats)),
                         key=lambda r: r[0])
         print(f"{workers:>8} {wall:>8.2f} {fwd:>10.2f} {1 - fwd / wall:>8.1%} {len(rows) / wall:>8.1f}")
