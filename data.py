@@ -617,10 +617,8 @@ def render_toy_video(path, segments, duration, fps, size, rng):
             if start <= t <= end:
                 cx, cy, s = toy_motion(TOY_VERBS[verb], (t - start) / (end - start))
                 frame[toy_object_mask(TOY_SHAPES[noun], xx - cx * w, yy - cy * h, s * h / 6)] = TOY_COLOURS[noun]
-        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())  # flush the encoder
     container.close()
 
 

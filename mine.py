@@ -98,8 +98,7 @@ def read_scores(path, ann, split, trust_pickle=False):
     segs = ann.segments(split)
     where = {i: r for r, i in enumerate(ids)}
     rows = np.array([where.get(s.id, -1) for s in segs], dtype=np.int64)
-    missing = [s.id for s, r in zip(segs, rows) if r < 0]
-    if missing:
+    if missing := [s.id for s, r in zip(segs, rows) if r < 0]:
         other = [name for name, ss in ann.splits.items() if name != split and set(ids) <= {s.id for s in ss}]
         fix = (f"these are scores of split {other[0]!r}: pass the {split} scores with --scores" if other else
                f"pass --scores with a file that scores every segment of {split!r}")
@@ -210,13 +209,12 @@ def mine(ann, split, scores=None, k=K, pool=None, topk=None, text="narration", s
         if text == "narration":  # only classes that have narrations take part
             scores[:, [a for a in range(len(ann.vocab)) if not ann.narrations.get(a)]] = -np.inf
     if topk:
-        options, task = ranked_top(scores, topk), "candidates"
+        options = ranked_top(scores, topk)
     else:
         options = np.concatenate([truth[:, None], top_distractor_classes(scores, truth, k - 1, pool, rng)], axis=1)
         options = np.take_along_axis(options, np.argsort(rng.random(options.shape), axis=1), axis=1)  # shuffled
-        task = "mqa"
     texts = option_texts(ann, segs, options, truth, text, rng)
-    return make_rows(segs, options, truth, texts, task)
+    return make_rows(segs, options, truth, texts, "candidates" if topk else "mqa")
 
 
 def mine_toy(root):
@@ -275,8 +273,7 @@ def compare_files(path_a, path_b, ann=None, split=None, k=5, trust_pickle=False)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"{path_a} scores {a.shape[1]} classes but {path_b} scores {b.shape[1]}")
     where = {i: r for r, i in enumerate(ids_b)}
-    missing = [i for i in ids_a if i not in where]
-    if missing:
+    if missing := [i for i in ids_a if i not in where]:
         raise ValueError(f"{path_b} has no scores for {len(missing)} of the {len(ids_a)} ids of {path_a} "
                          f"(first: {', '.join(missing[:5])}); compare files of the same split")
     return compare_scores(a, b[[where[i] for i in ids_a]], k)

@@ -395,9 +395,7 @@ def load_base(name, random_init=False, dtype=None, device=None, tokenizer=None, 
             raise FileNotFoundError(f"checkpoint {path}: action.json names {saved['action_tokens']} action token(s) "
                                     "but heads.pt is missing; re-export the checkpoint")
         tok = with_special_tokens(transformers.AutoTokenizer.from_pretrained(path))
-        if random_init:
-            config = transformers.LlavaOnevisionConfig.from_pretrained(path)
-        else:
+        if not random_init:
             try:
                 llava = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype,
                                                                                             device_map=device)
@@ -406,6 +404,7 @@ def load_base(name, random_init=False, dtype=None, device=None, tokenizer=None, 
                                  f"{str(e).splitlines()[0][:200]}); the files are corrupt or truncated: "
                                  "re-export or re-download them") from None
             return freeze_unused(llava), tok, saved, heads
+        config = transformers.LlavaOnevisionConfig.from_pretrained(path)
     with torch.random.fork_rng(devices=[]), (torch.device(device) if device else contextlib.nullcontext()):
         torch.manual_seed(seed)
         llava = transformers.LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype)

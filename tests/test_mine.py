@@ -194,6 +194,14 @@ def test_compare_identical_and_against_reference_js(toy_root, tmp_path):
     probs = mine.compare_scores(np.exp(x) / np.exp(x).sum(1, keepdims=True), y, k=3)   # probabilities kept as they are
     assert probs["js_mean"] == pytest.approx(js.mean(), rel=1e-9)
 
+    full = dict(np.load(a))  # B may hold a superset of A's ids in any order; a subset is refused by count
+    order = np.random.default_rng(0).permutation(len(full["ids"]))
+    np.savez(tmp_path / "shuffled.npz", ids=full["ids"][order], scores=full["scores"][order])
+    assert mine.compare_files(a, tmp_path / "shuffled.npz")["top1_agreement"] == 1.0
+    np.savez(tmp_path / "fewer.npz", ids=full["ids"][2:], scores=full["scores"][2:])
+    with pytest.raises(ValueError, match=rf"fewer\.npz has no scores for 2 of the {len(order)} ids"):
+        mine.compare_files(a, tmp_path / "fewer.npz")
+
 
 def test_compare_cli_writes_json(toy_root, tmp_path):
     s = toy_root / "scores"
