@@ -429,7 +429,8 @@ def main(argv):
     args.video_root = args.video_root or str(root / "videos")
     args.benchmark = args.benchmark or str(root / data.BENCHMARK)
     if not args.candidates:  # else both stay None in args.json: the file decided them
-        args.scores, args.text = args.scores or str(root / "scores" / f"tim_{args.split}.npz"), args.text or "label"
+        args.scores = args.scores or str(root / "scores" / f"tim_{args.split}.npz")
+        args.text = args.text or mine.CANDIDATE_TEXT
     scoring = "" if args.score == "letter" or args.mode == "multi_round" else f"_{args.score}"
     args.out = args.out or str(model_lib.results_folder(args.ckpt) / f"eval_{args.mode}{scoring}{'_sap' * args.sap}")
     rank, world, device = model_lib.init_distributed(timeout_minutes=360)  # SAP: ranks can finish far apart

@@ -21,6 +21,7 @@ import data
 
 RANDOM = "random"                 # --model random: eq. 2, no score file
 TEXTS = ("narration", "label")    # option texts: a narration of the class, or its label
+CANDIDATE_TEXT = "label"          # two-stage's default texts: a narration would be the truth's own
 JS_CHUNK = 1024                   # rows per chunk in compare, so (N, A) float64 temporaries stay small
 K = 5                             # EK100-MQA's options: the truth and 4 distractors
 TOY_DRAWS = 8                     # the toy's training MQA: drawn 8 times from AVION's top 2(K-1)
@@ -310,7 +311,7 @@ def main(argv):
     args = p.parse_args(argv)
     if args.topk and args.pool:
         p.error("--pool draws MQA distractors; --topk writes the top N as they rank: pass one of them")
-    args.text = args.text or ("label" if args.topk else "narration")
+    args.text = args.text or (CANDIDATE_TEXT if args.topk else "narration")
     if args.command:
         if args.command[0] != "compare" or len(args.command) != 3:
             p.error(f"unknown command {' '.join(args.command)!r}; use: python mine.py compare A.npz B.npz")
