@@ -1,9 +1,8 @@
 """EPIC-KITCHENS-100 data: annotations, action ids, clips, the training tasks and their prompts, model inputs.
 
-Everything that knows about files on disk lives here (no model import; torch only where tensors are made):
-annotation CSVs -> Segments and an ActionVocab (action ids as the community numbers them) -> clips decoded with
-decord -> task samples (MQA, prior actions, temporal detection, ...) -> token ids, a torch Dataset and collate ->
-the toy kitchen, an EPIC-shaped data set every other file runs on (`python data.py toy --out toy`).
+All file handling (no model import; torch only where tensors are made): annotation CSVs -> Segments and an
+ActionVocab -> clips decoded with decord -> task samples (MQA, prior actions, temporal detection, ...) -> token ids,
+a torch Dataset and collate -> the toy kitchen, an EPIC-shaped data set every other file runs on (`python data.py toy`).
 
 Prompts come in two styles: `official` (the default) is what the authors' code feeds the model, so what their
 released checkpoints and the LLaVA-Video base saw; `paper` is the wording of the paper's appendix C.
@@ -131,8 +130,7 @@ def read_csv_rows(path, columns):
         rows, fieldnames = [(reader.line_num, row) for row in reader], reader.fieldnames
     if not fieldnames:
         raise ValueError(f"{path} is empty; expected a CSV with columns {list(columns)}")
-    missing = [c for c in columns if c not in fieldnames]
-    if missing:
+    if missing := [c for c in columns if c not in fieldnames]:
         raise ValueError(f"{path}: missing column(s) {missing}; the CSV needs {list(columns)}")
     if not rows:
         raise ValueError(f"{path} has a header but no rows")
@@ -305,7 +303,6 @@ def preprocess_frames(frames, size, mean, std):
 
 # files: atomic writes, JSONL, one process per output folder ------------------
 def write_atomic(path, text):
-    """Write the whole file or nothing: a crash never leaves half a file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -360,9 +357,8 @@ def mqa_question(options, style="official", perspective="ego", priors=None):
     priors [(seconds ago, text)] x 2, oldest first, the prior-action form (texts, so SAP can pass its predictions)."""
     prefix, lettered = PERSPECTIVES[perspective], [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
     if priors:
-        (t2, a2), (t1, a1) = priors
-        seconds = (lambda t: str(round(t, 2))) if style == "official" else (lambda t: f"{t:.2f}")
-        text = PRIOR_PROMPT.format(t2=seconds(t2), a2=a2, t1=seconds(t1), a1=a1)
+        (t2, a2), (t1, a1) = [(str(round(t, 2)) if style == "official" else f"{t:.2f}", a) for t, a in priors]
+        text = PRIOR_PROMPT.format(t2=t2, a2=a2, t1=t1, a1=a1)
         return f"{prefix}\n{text}\n" + ", ".join(lettered) if style == "official" else text + "\n" + "\n".join(lettered)
     if style == "official":
         return prefix + MQA_INSTRUCTION + "\n" + MQA_OPTIONS + ", ".join(lettered)
@@ -405,14 +401,13 @@ def temporal_row(s, rng, form="paper"):
     """Temporal detection: the clip is the action padded by TEMPORAL_FORMS[form] seconds, alpha ~ U(0, 1) of it
     before and the rest after (clipped at 0); the answer is where the action lies in the clip, in `form`'s format."""
     pad, alpha = TEMPORAL_FORMS[form], rng.uniform()
-    clip_start, clip_end = max(0.0, s.start - alpha * pad), s.end + (1 - alpha) * pad
-    a, b, duration = s.start - clip_start, s.end - clip_start, s.end - s.start
+    start, end = max(0.0, s.start - alpha * pad), s.end + (1 - alpha) * pad  # the clip's
+    a, b, duration = s.start - start, s.end - start, s.end - s.start
     official = form == "official"  # the authors' code: 'start, end' as str(round(x, 2)); paper: 'start: end'
     answer = f"{round(a, 2)}, {round(b, 2)}" if official else f"{a:.2f}: {b:.2f}"
     duration = round(duration, 2) if official else f"{duration:.2f}"
     question = TEMPORAL_PROMPT.format(action=s.narration, duration=duration)
-    row = segment_row(s, "temporal", question, answer, action_start=a, action_end=b)
-    return dict(row, start=clip_start, end=clip_end)
+    return dict(segment_row(s, "temporal", question, answer, action_start=a, action_end=b), start=start, end=end)
 
 
 def read_replay(path, video_root=None):
@@ -561,12 +556,10 @@ def collate(items, pad_id):
     for b, x in enumerate(items):
         n = len(x["input_ids"])
         ids[b, :n], labels[b, :n], mask[b, :n] = x["input_ids"], x["labels"], 1
-    batch = dict(input_ids=ids, attention_mask=mask, labels=labels,
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels, index=torch.tensor([x["index"] for x in items]),
                  action_labels=torch.stack([x["action_labels"] for x in items]),
-                 index=torch.tensor([x["index"] for x in items]), clamped=sum(x["clamped"] for x in items),
-                 bad=sum(x["bad"] is not None for x in items))
-    videos = [x["pixel_values_videos"] for x in items if x["pixel_values_videos"] is not None]
-    if videos:
+                 clamped=sum(x["clamped"] for x in items), bad=sum(x["bad"] is not None for x in items))
+    if videos := [x["pixel_values_videos"] for x in items if x["pixel_values_videos"] is not None]:
         batch["pixel_values_videos"] = torch.stack(videos)
     return batch
 
@@ -590,9 +583,8 @@ def toy_object_mask(shape, dx, dy, r):
     ax, ay = np.abs(dx), np.abs(dy)
     return {"circle": dx ** 2 + dy ** 2 < r ** 2, "square": np.maximum(ax, ay) < r, "diamond": ax + ay < r * 1.3,
             "ring": np.abs(np.hypot(dx, dy) - r * 0.75) < r * 0.3, "hbar": (ax < r * 1.2) & (ay < r * 0.4),
-            "vbar": (ax < r * 0.4) & (ay < r * 1.2),
-            "cross": ((ax < r * 0.35) | (ay < r * 0.35)) & (np.maximum(ax, ay) < r),
-            "triangle": (dy < r) & (dy > -r) & (ax < (dy + r) * 0.55)}[shape]
+            "vbar": (ax < r * 0.4) & (ay < r * 1.2), "triangle": (dy < r) & (dy > -r) & (ax < (dy + r) * 0.55),
+            "cross": ((ax < r * 0.35) | (ay < r * 0.35)) & (np.maximum(ax, ay) < r)}[shape]
 
 
 def toy_motion(verb, u):
@@ -641,8 +633,7 @@ def simulate_recognizer(segments, vocab, name, rng):
 
 def toy_caption(verb, noun):
     """A GPT-4o-style caption and open QA (captions.json) of what the toy video shows for one action."""
-    words, colour = label_text("", TOY_NOUNS[noun]).strip(), TOY_COLOUR_NAMES[noun]
-    move = TOY_MOVES[TOY_VERBS[verb]]
+    words, colour, move = label_text("", TOY_NOUNS[noun]).strip(), TOY_COLOUR_NAMES[noun], TOY_MOVES[TOY_VERBS[verb]]
     return {"caption": f"A {colour} {TOY_SHAPES[noun]}, the {words}, {move}: I {TOY_VERBS[verb]} the {words}.",
             "qa": [[f"What colour is the {words}?", colour], ["How does the object move?", move]]}
 

@@ -19,7 +19,6 @@ import numpy as np
 
 import data
 
-RANDOM = "random"                 # --model random: eq. 2, no score file
 TEXTS = ("narration", "label")    # option texts: a narration of the class, or its label
 CANDIDATE_TEXT = "label"          # two-stage's default texts: a narration would be the truth's own
 JS_CHUNK = 1024                   # rows per chunk in compare, so (N, A) float64 temporaries stay small
@@ -51,8 +50,7 @@ def load_score_file(path, ann=None, split=None, trust_pickle=False):
     elif suffix == ".pkl":
         if not trust_pickle:
             raise ValueError(f"{path}: loading a pickle runs code from the file; pass --trust-pickle if you trust it")
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
+        obj = pickle.loads(path.read_bytes())
     else:
         raise ValueError(f"{path}: unknown score format {suffix!r} (use .npz, .pt, ranked .json or .pkl)")
     if not isinstance(obj, dict) or "ids" not in obj or "scores" not in obj:
@@ -70,7 +68,7 @@ def ranked_json_scores(path, ann, split):
     """The authors' form {"<row>": {"predictions": ["v:n", ...], "target": "v:n"}}: score = -rank, unlisted -inf."""
     segs = ann.segments(split)
     ranked = json.loads(Path(path).read_text())
-    ids, scores = [], np.full((len(ranked), len(ann.vocab)), -np.inf, dtype=np.float32)
+    scores = np.full((len(ranked), len(ann.vocab)), -np.inf, dtype=np.float32)
     for r, (row, entry) in enumerate(ranked.items()):
         if not (row.isdigit() and int(row) < len(segs)):
             raise ValueError(f"{path}: row {row!r} is not a position in split {split!r} ({len(segs)} segments)")
@@ -83,8 +81,7 @@ def ranked_json_scores(path, ann, split):
             if (verb, noun) not in ann.vocab.index:
                 raise ValueError(f"{path}: row {row} predicts {pred}, which is not an action id of actions.csv")
             scores[r, ann.vocab.index[(verb, noun)]] = -rank
-        ids.append(seg.id)
-    return ids, scores
+    return [segs[int(row)].id for row in ranked], scores
 
 
 def read_scores(path, ann, split, trust_pickle=False):
@@ -114,7 +111,7 @@ def read_scores(path, ann, split, trust_pickle=False):
 # mining core: arrays in, arrays out ------------------------------------------
 def ranked_top(scores, m):
     """(N, m) action ids of the m highest scores, best first (ties: lower id first). argpartition: O(A) per row."""
-    n_rows, n_classes = scores.shape
+    n_classes = scores.shape[1]
     if m > n_classes:
         raise ValueError(f"asked for the top {m} of only {n_classes} action classes; lower --k/--pool/--topk")
     top = np.argpartition(scores, n_classes - m, axis=1)[:, n_classes - m:]
@@ -122,8 +119,7 @@ def ranked_top(scores, m):
     order = np.lexsort((top, -vals), axis=1)
     top, last = np.take_along_axis(top, order, axis=1), np.take_along_axis(vals, order[:, -1:], axis=1)
     cut_ties = (scores == last).sum(axis=1) > (vals == last).sum(axis=1)  # argpartition split a tie at the cut
-    for i in np.flatnonzero(cut_ties):                                     # rare (e.g. -inf of ranked JSON)
-        top[i] = np.argsort(-scores[i], kind="stable")[:m]
+    top[cut_ties] = np.argsort(-scores[cut_ties], axis=1, kind="stable")[:, :m]  # rare (e.g. -inf of ranked JSON)
     return top
 
 
@@ -185,14 +181,11 @@ def make_rows(segs, options, truth, texts, task):
     """JSONL sample rows (README, Data layout); answer_index is the truth's position, -1 (and no answer) when absent."""
     is_truth = options == truth[:, None]
     answer_index = np.where(is_truth.any(axis=1), is_truth.argmax(axis=1), -1).tolist()
-    rows = []
-    for s, acts, opts, i in zip(segs, options.tolist(), texts, answer_index):
-        answer = {"answer": f"{data.LETTERS[i]}. {opts[i]}"} if i >= 0 else {}
-        rows.append({"id": s.id, "video_id": s.video_id, "start": s.start, "end": s.end, "task": task,
-                     "question": data.mqa_question(opts), "options": opts, **answer, "answer_index": i,
-                     "verb_class": s.verb_class, "noun_class": s.noun_class, "action_class": s.action_class,
-                     "option_actions": acts})
-    return rows
+    return [{"id": s.id, "video_id": s.video_id, "start": s.start, "end": s.end, "task": task,
+             "question": data.mqa_question(opts), "options": opts,
+             **({"answer": f"{data.LETTERS[i]}. {opts[i]}"} if i >= 0 else {}), "answer_index": i,
+             "verb_class": s.verb_class, "noun_class": s.noun_class, "action_class": s.action_class,
+             "option_actions": acts} for s, acts, opts, i in zip(segs, options.tolist(), texts, answer_index)]
 
 
 def mine(ann, split, scores=None, k=K, pool=None, topk=None, text="narration", seed=0):
@@ -236,10 +229,9 @@ def mine_toy(root):
 def probabilities(scores):
     """Softmax over classes (float64), unless the rows already are probabilities (nonnegative, summing to 1)."""
     scores = scores.astype(np.float64)
-    if (scores >= 0).all() and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
-        return scores / scores.sum(axis=1, keepdims=True)
-    e = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    if not ((scores >= 0).all() and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3)):
+        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return scores / scores.sum(axis=1, keepdims=True)
 
 
 def js_divergence(a, b):
@@ -249,8 +241,7 @@ def js_divergence(a, b):
         p, q = probabilities(a[i:i + JS_CHUNK]), probabilities(b[i:i + JS_CHUNK])
         m = 0.5 * (p + q)
         with np.errstate(divide="ignore", invalid="ignore"):  # 0 log 0 = 0: masked by the where
-            kl_p, kl_q = (np.where(x > 0, x * np.log(x / m), 0.0).sum(axis=1) for x in (p, q))
-        out[i:i + JS_CHUNK] = 0.5 * kl_p + 0.5 * kl_q
+            out[i:i + JS_CHUNK] = sum(0.5 * np.where(x > 0, x * np.log(x / m), 0.0).sum(axis=1) for x in (p, q))
     return np.clip(out, 0.0, np.log(2))
 
 
@@ -269,8 +260,7 @@ def compare_scores(a, b, k=5):
 
 def compare_files(path_a, path_b, ann=None, split=None, k=5, trust_pickle=False):
     """Load two score files and compare them on A's segments (B may hold a superset, in any order)."""
-    ids_a, a = load_score_file(path_a, ann, split, trust_pickle)
-    ids_b, b = load_score_file(path_b, ann, split, trust_pickle)
+    (ids_a, a), (ids_b, b) = (load_score_file(path, ann, split, trust_pickle) for path in (path_a, path_b))
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"{path_a} scores {a.shape[1]} classes but {path_b} scores {b.shape[1]}")
     where = {i: r for r, i in enumerate(ids_b)}
@@ -278,17 +268,6 @@ def compare_files(path_a, path_b, ann=None, split=None, k=5, trust_pickle=False)
         raise ValueError(f"{path_b} has no scores for {len(missing)} of the {len(ids_a)} ids of {path_a} "
                          f"(first: {', '.join(missing[:5])}); compare files of the same split")
     return compare_scores(a, b[[where[i] for i in ids_a]], k)
-
-
-def print_comparison(res, path_a, path_b):
-    print(f"A = {path_a}\nB = {path_b}")
-    print(f"{'segments':<38}{res['segments']}")
-    print(f"{'top-1 agreement':<38}{res['top1_agreement']:.4f}")
-    print(f"{'top-%d overlap (mean |A&B|/%d)' % (res['k'], res['k']):<38}{res['topk_overlap']:.4f}")
-    print(f"{'JS divergence, nats (mean ± std)':<38}{res['js_mean']:.4f} ± {res['js_std']:.4f}")
-    print(f"{'  95% CI of the mean (±1.96 sd/√N)':<38}[{res['js_ci95_mean'][0]:.4f}, {res['js_ci95_mean'][1]:.4f}]")
-    lo, hi = res["js_percentile_2.5_97.5"]
-    print(f"{'  2.5 / 97.5 percentiles':<38}[{lo:.4f}, {hi:.4f}]  (spread of per-segment values)")
 
 
 def main(argv):
@@ -318,13 +297,20 @@ def main(argv):
         _, path_a, path_b = args.command
         ann = data.load_annotations(args.annotations) if ".json" in (Path(path_a).suffix, Path(path_b).suffix) else None
         res = compare_files(path_a, path_b, ann, args.split, args.k, args.trust_pickle)
-        print_comparison(res, path_a, path_b)
+        print(f"A = {path_a}\nB = {path_b}")
+        print(f"{'segments':<38}{res['segments']}")
+        print(f"{'top-1 agreement':<38}{res['top1_agreement']:.4f}")
+        print(f"{'top-%d overlap (mean |A&B|/%d)' % (res['k'], res['k']):<38}{res['topk_overlap']:.4f}")
+        print(f"{'JS divergence, nats (mean ± std)':<38}{res['js_mean']:.4f} ± {res['js_std']:.4f}")
+        ci, (lo, hi) = res["js_ci95_mean"], res["js_percentile_2.5_97.5"]
+        print(f"{'  95% CI of the mean (±1.96 sd/√N)':<38}[{ci[0]:.4f}, {ci[1]:.4f}]")
+        print(f"{'  2.5 / 97.5 percentiles':<38}[{lo:.4f}, {hi:.4f}]  (spread of per-segment values)")
         if args.json:
             data.write_json_atomic(args.json, res)
         return
     ann = data.load_annotations(args.annotations)
     scores = None
-    if args.model != RANDOM:
+    if args.model != "random":  # eq. 2: no score file
         path = Path(args.scores or Path(args.annotations) / "scores" / f"{args.model}_{args.split}.npz")
         if not path.exists():
             p.error(f"no score file {path}" + ("" if args.scores else f" (the default for --model {args.model} "

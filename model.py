@@ -32,7 +32,6 @@ import data
 from data import ACTION_TOKEN, IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN
 
 # shapes for --random-init (no hub here) and the base table -------------------
-SIGLIP_SO400M_ID = "google/siglip-so400m-patch14-384"
 # so400m-384/14 with its last layer dropped and no head, as the authors' tower and the native class use it
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
                      image_size=384, patch_size=14, vision_use_head=False)
@@ -123,7 +122,7 @@ def vision_spec(config, layout) -> VisionSpec:
 
 # tokenizers ------------------------------------------------------------------
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-               r"\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer: tiny splits text where the real one does
+               r"\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer: tiny splits as it does (digits one by one, newlines apart)
 TINY_WORDS = """take put put-down open close wash cut mix pour throw dry move remove turn-on turn-off insert shake peel
 squeeze fill scoop stir check adjust apply empty flip break spray wipe grate hold pick-up rinse press slice eat drink
 plate knife spoon fork cup glass bowl pan pot lid tap water sponge board chopping bag box bottle jar oil salt onion
@@ -133,8 +132,7 @@ user assistant system"""
 
 
 def build_tokenizer_tiny(vocab_size=1024, special_tokens=SPECIAL_TOKENS):
-    """A byte-level BPE trained here in well under a second on the prompts and kitchen words, so tests need no
-    download; it splits text as Qwen2 does (digits one by one, newlines apart)."""
+    """A byte-level BPE trained here in well under a second on the prompts and kitchen words: tests need no download."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -233,23 +231,19 @@ def next_config(src, cfg, tokenizer):
     try:
         vision = transformers.SiglipVisionConfig.from_pretrained(tower)
     except OSError as e:
-        if tower != SIGLIP_SO400M_ID:
+        if tower != "google/siglip-so400m-patch14-384":
             raise ValueError(f"{src}/config.json: cannot read the config of mm_vision_tower {tower!r} ({e})") from None
         vision = transformers.SiglipVisionConfig(**dict(SIGLIP_SO400M, num_hidden_layers=27))  # its published shapes
     if cfg.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
         raise ValueError(f"{src}/config.json: mm_hidden_size = {cfg['mm_hidden_size']} but {tower} is "
                          f"{vision.hidden_size} wide")
-    vision = transformers.SiglipVisionConfig(  # the authors' tower drops its last layer and head
-        **{**vision.to_dict(), "num_hidden_layers": vision.num_hidden_layers - 1, "vision_use_head": False})
-    *ids, end = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, ACTION_TOKEN, IM_END])
-    text = transformers.Qwen2Config(**{k: cfg[k] for k in QWEN2_FIELDS if cfg.get(k) is not None},
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=end)
-    if max(ids) >= text.vocab_size:
-        raise ValueError(f"{src}: the tokenizer puts {ACTION_TOKEN} at {max(ids)}, past the {text.vocab_size} "
-                         "embedding rows of config.json")
-    config = transformers.LlavaOnevisionConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=ids[0], video_token_index=ids[1],
-        vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=text.tie_word_embeddings)
+    # the authors' tower drops its last layer and head
+    vision = {**vision.to_dict(), "num_hidden_layers": vision.num_hidden_layers - 1, "vision_use_head": False}
+    config = native_config(vision, {k: cfg[k] for k in QWEN2_FIELDS if cfg.get(k) is not None}, tokenizer)
+    last = max(tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, ACTION_TOKEN]))
+    if last >= config.text_config.vocab_size:
+        raise ValueError(f"{src}: the tokenizer puts {ACTION_TOKEN} at {last}, past the "
+                         f"{config.text_config.vocab_size} embedding rows of config.json")
     tokens = {None: 0, "one_token": 1, "three_tokens": 3}[cfg.get("vision_supervision")]
     sizes = [int(x) for x in cfg["action_types"].split(",")] if tokens else []  # none: ActionConfig's defaults
     grid = newline == "grid"  # LLaVA-Video's layout, trained with the time prompt
@@ -265,10 +259,9 @@ def weights_fingerprint(folder):
 
 
 def convert(src, out):
-    """A LLaVA-NeXT folder -> a native one: config, tokenizer with <image>/<video>/<action>, weights renamed shard by
-    shard (one in memory at a time; bf16 stays bf16), the action token(s) and bias-free heads in heads.pt, the rest of
-    what they were trained with in action.json. Exactly the native keys are written (never loaded half-right), in a
-    temporary folder renamed at the end: a failure leaves nothing."""
+    """A LLaVA-NeXT folder -> a native one: config, tokenizer with <image>/<video>/<action>, weights renamed a shard at
+    a time (bf16 stays bf16), action token(s) and bias-free heads in heads.pt, training settings in action.json. Exactly
+    the native keys (never loaded half-right), in a temporary folder renamed at the end: a failure leaves nothing."""
     src, out = Path(src), Path(out)
     cfg = json.loads((src / "config.json").read_text())
     if not is_next_format(cfg):
@@ -363,16 +356,21 @@ def resolve(name, cache=None):
 
 
 # loading a base --------------------------------------------------------------
-def base_config(base, tokenizer):
-    """A config in code for `tiny` and for --random-init of a real alias; placeholder ids from the tokenizer."""
-    vision, text = (TINY_VISION, dict(TINY_TEXT, vocab_size=64 * math.ceil(len(tokenizer) / 64))) if base == "tiny" \
-        else (SIGLIP_SO400M, BASES[base].text)
-    ids = tokenizer.convert_tokens_to_ids
-    text = transformers.Qwen2Config(**text, pad_token_id=tokenizer.pad_token_id, eos_token_id=ids(IM_END))
+def native_config(vision: dict, text: dict, tokenizer):
+    """The native config of SigLIP and Qwen2 shapes; <image>, <video>, pad and end ids from the tokenizer."""
+    image, video, end = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, IM_END])
+    text = transformers.Qwen2Config(**text, pad_token_id=tokenizer.pad_token_id, eos_token_id=end)
     return transformers.LlavaOnevisionConfig(
         vision_config=transformers.SiglipVisionConfig(**vision).to_dict(), text_config=text.to_dict(),
-        image_token_index=ids(IMAGE_TOKEN), video_token_index=ids(VIDEO_TOKEN),
-        vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=text.tie_word_embeddings)
+        image_token_index=image, video_token_index=video, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", tie_word_embeddings=text.tie_word_embeddings)
+
+
+def base_config(base, tokenizer):
+    """A config in code for `tiny` and for --random-init of a real alias; placeholder ids from the tokenizer."""
+    if base == "tiny":
+        return native_config(TINY_VISION, dict(TINY_TEXT, vocab_size=64 * math.ceil(len(tokenizer) / 64)), tokenizer)
+    return native_config(SIGLIP_SO400M, BASES[base].text, tokenizer)
 
 
 def load_base(name, random_init=False, dtype=None, device=None, tokenizer=None, cache=None, seed=0):
@@ -454,8 +452,7 @@ class ActionLLaVA(nn.Module):
         return torch.where(is_action[..., None], self.action_embeds[k].to(out.dtype), out)
 
     def video_features(self, pixels):
-        """(B, N, H) video embeddings in this checkpoint's layout. hf is the native class's: T x g^2 pooled tokens,
-        one newline; grid (LLaVA-Video, LLaVAction) has a newline after each of a frame's g rows: T x g(g + 1)."""
+        """(B, N, H) video embeddings: hf as the native class makes them; grid adds image_newline after each row."""
         video = self.llava.model.get_video_features(pixels).pooler_output
         if self.spec.layout == "hf":
             return video
@@ -465,8 +462,7 @@ class ActionLLaVA(nn.Module):
         return torch.cat([rows, newline], 3).flatten(1, 3)
 
     def lm_inputs(self, batch):
-        """llava.model's keyword arguments for a batch, the video passed in as its embeddings (the native class checks
-        their count against the <video> placeholders)."""
+        """llava.model's arguments, the video as embeddings (the native class counts them against the <video>s)."""
         dev = self.llava.device
         inputs = dict(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
         pixels = batch.get("pixel_values_videos")
@@ -504,9 +500,8 @@ class ActionLLaVA(nn.Module):
         return result
 
     def head_losses(self, out, is_action, action_labels) -> dict:
-        """Eq. 5: 0.5 verb + 0.5 noun + 0.1 action CE (the *_weight) at the action tokens per labelled sample,
-        summed over the supervised layers and divided by L + 1 (or L); samples labelled -100 add nothing.
-        Without action tokens, zeros. Every row holds exactly cfg.action_tokens <action> ids (data.py's layout)."""
+        """Eq. 5 (ActionConfig's *_weight and head_norm) at the action tokens, per labelled sample (-100 adds nothing);
+        zeros without action tokens. Every row holds exactly cfg.action_tokens <action> ids (data.py's layout)."""
         cfg, zero = self.cfg, out.last_hidden_state.new_zeros((), dtype=torch.float32)
         if not cfg.action_tokens:
             return dict(head_loss=zero, verb_loss=zero, noun_loss=zero, action_loss=zero, verb_acc=zero, noun_acc=zero,
