@@ -295,7 +295,8 @@ def main(argv):
         if args.command[0] != "compare" or len(args.command) != 3:
             p.error(f"unknown command {' '.join(args.command)!r}; use: python mine.py compare A.npz B.npz")
         _, path_a, path_b = args.command
-        ann = data.load_annotations(args.annotations) if ".json" in (Path(path_a).suffix, Path(path_b).suffix) else None
+        ranked = ".json" in (Path(path_a).suffix.lower(), Path(path_b).suffix.lower())  # rows named by position
+        ann = data.load_annotations(args.annotations) if ranked else None
         res = compare_files(path_a, path_b, ann, args.split, args.k, args.trust_pickle)
         print(f"A = {path_a}\nB = {path_b}")
         print(f"{'segments':<38}{res['segments']}")

@@ -212,6 +212,17 @@ def test_compare_cli_writes_json(toy_root, tmp_path):
     assert 0 <= res["top1_agreement"] <= 1 and 0 < res["js_mean"] < np.log(2)
 
 
+def test_compare_cli_reads_a_ranked_json_whatever_the_suffix_case(toy_root, ann, tim, tmp_path):
+    segs = ann.segments("validation")
+    ranked = {str(r): {"predictions": [f"{v}:{n}" for v, n in ann.vocab.pairs[ranking(s)[:5]]],
+                       "target": f"{segs[r].verb_class}:{segs[r].noun_class}"} for r, s in enumerate(tim)}
+    (tmp_path / "TIM.JSON").write_text(json.dumps(ranked))
+    r = run_cli("compare", tmp_path / "TIM.JSON", toy_root / "scores" / "tim_validation.npz",
+                "--annotations", toy_root, "--split", "validation", "--json", tmp_path / "c.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "c.json").read_text())["top1_agreement"] == 1.0
+
+
 def test_bad_scores_raise_naming_the_file(toy_root, ann, tim, tmp_path):
     ids = [s.id for s in ann.segments("validation")]
     np.savez(tmp_path / "classes.npz", ids=np.array(ids), scores=tim[:, :-1])
