@@ -125,13 +125,6 @@ def read_predictions(folder):
     return done
 
 
-def open_shard(path):
-    """Append mode, after cutting off a partial last line a kill may have left."""
-    if path.exists():
-        os.truncate(path, path.read_bytes().rfind(b"\n") + 1)
-    return open(path, "a")
-
-
 def merge_predictions(folder, rows):
     """The shards -> predictions.jsonl in row order (atomic), then the shards go. Predictions of rows outside
     this run (an earlier run without --limit) are kept after them; the returned list is this run's rows only."""
@@ -180,8 +173,7 @@ def predict(model, rows, batches, frames, vocab, args, done):
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, collate_fn=list,
                         prefetch_factor=4 if args.num_workers else None)
     before = data.previous_actions(rows, args.prompt_style)[1] if args.sap else {}
-    if args.mode == "multi_round":
-        candidates = structured.candidate_token_ids(model.tokenizer, vocab.labels)
+    candidates = structured.candidate_token_ids(model.tokenizer, vocab.labels) if args.mode == "multi_round" else None
     for items in loader:
         priors = []
         for b, item in enumerate(items):
@@ -233,9 +225,7 @@ def prediction_row(row, item, frames, scores, generated, vocab, mode, priors):
     pred.update(pred_verb=verb, pred_noun=noun, verb_class=row["verb_class"], noun_class=row["noun_class"],
                 action_class=row["action_class"], clamped=item["clamped"],
                 correct=choice == row["answer_index"] if mode == "mqa" else action == row["action_class"])
-    if priors is not None:
-        pred["priors"] = priors
-    return pred
+    return pred if priors is None else dict(pred, priors=priors)
 
 
 # metrics and their plots -----------------------------------------------------
@@ -277,9 +267,8 @@ def compute_metrics(preds, vocab, tails=None, ratings=None):
     m = {"n": len(good), "skipped_bad": len(preds) - len(good), "skipped_by_reason": dict(reasons)}
     if not good:
         return m
-    columns = ("correct", "pred_verb", "pred_noun", "pred_action", "verb_class", "noun_class", "action_class")
-    col = {k: np.array([p[k] for p in good]) for k in columns}
-    hit = {k: col[f"pred_{k}"] == col[f"{k}_class"] for k in ("verb", "noun", "action")}
+    col = {k: np.array([p[k] for p in good]) for k in ("correct", "verb_class", "noun_class", "action_class")}
+    hit = {k: np.array([p[f"pred_{k}"] == p[f"{k}_class"] for p in good]) for k in ("verb", "noun", "action")}
     m.update(accuracy=float(col["correct"].mean()), **{f"{k}_top1": float(hit[k].mean()) for k in hit},
              clamped_frames=int(sum(p["clamped"] for p in good)))
     if "choice" in good[0]:
@@ -327,8 +316,7 @@ def plot_metrics(metrics_path, out):
                 print(f"{metrics_path}{f' frames {frames}' if frames else ''} has no {key!r}: no plot")
                 continue
             bars = [(name, v["accuracy"], v["n"]) for name, v in m[key].items()]
-            if key != "by_difficulty":
-                bars.sort(key=lambda bar: -bar[2])
+            bars = bars if key == "by_difficulty" else sorted(bars, key=lambda bar: -bar[2])
             path = out / f"{key}{f'_frames{frames}' if frames else ''}.png"
             bar_chart(f"{title}{f', {frames} frames' if frames else ''} ({metrics_path})", bars, path)
             written.append(path)
@@ -348,7 +336,10 @@ def evaluate_setting(model, rows, folder, frames, vocab, args, rank=0, world=1):
         print(f"{folder}: {sum(i in ids for i in done)} predictions found, {len(ids - done.keys())} to go"
               + (f" ({retried} skipped before, retried)" if retried else ""))
     batches = plan_batches(rows, done, rank, world, args.batch_size, args.sap, args.prompt_style)
-    with open_shard(folder / f"predictions.rank{rank}.jsonl") as f:
+    shard = folder / f"predictions.rank{rank}.jsonl"
+    if shard.exists():  # appended to, after cutting off a partial last line a kill may have left
+        os.truncate(shard, shard.read_bytes().rfind(b"\n") + 1)
+    with open(shard, "a") as f:
         for pred in tqdm(predict(model, rows, batches, frames, vocab, args, done), total=sum(map(len, batches)),
                          disable=rank != 0, desc=f"{args.mode} frames={frames}"):
             print(json.dumps(pred), file=f, flush=True)
