@@ -118,9 +118,7 @@ def analyse(m, rows, args, desc):
     layers = range(n_layers) if args.layer == "mean" else [int(args.layer.replace("last", "-1")) % n_layers]
     letters = structured.letter_token_ids(m.tokenizer, len(rows[0]["options"])).to(m.llava.device)
     text_max, answer, chosen, kept = [], [], [], []
-    for batch in tqdm(loader, desc=desc):
-        if batch is None:
-            continue
+    for batch in filter(None, tqdm(loader, desc=desc)):  # None: none of the batch's clips could be read
         kept += batch["index"].tolist()
         att, hidden, (_, n_visual, text) = text_attention(m, batch, layers)
         top, last_row = reduce_rows(att, batch["attention_mask"].to(att.device), text)
@@ -143,18 +141,15 @@ def frame_maps(answer_row, n_frames, spec, frame_hw):
     return maps * (grid.sum((1, 2, 3)) / maps.sum((1, 2)).clamp_min(1e-30))[:, None, None]
 
 
-def heat(x):
-    """Jet-like colours for values in [0, 1], (..., 3) uint8."""
-    return (np.clip(1.5 - np.abs(4 * x[..., None] - np.array([3, 2, 1])), 0, 1) * 255).astype(np.uint8)
-
-
 def draw_maps(frames, maps, title, path):
     """Frames in rows of MAP_COLUMNS under the title, overlaid with the maps from the clip's min (blue) to max (red)."""
     from PIL import Image, ImageDraw
 
     t, h, w, _ = frames.shape
     m = maps.numpy()
-    blend = (0.5 * frames + 0.5 * heat((m - m.min()) / max(m.max() - m.min(), 1e-30))).astype(np.uint8)
+    m = (m - m.min()) / max(m.max() - m.min(), 1e-30)
+    heat = (np.clip(1.5 - np.abs(4 * m[..., None] - np.array([3, 2, 1])), 0, 1) * 255).astype(np.uint8)  # jet-like
+    blend = (0.5 * frames + 0.5 * heat).astype(np.uint8)
     columns = min(t, MAP_COLUMNS)
     image = Image.new("RGB", (columns * w, math.ceil(t / columns) * h + MAP_TITLE), "white")
     for i, frame in enumerate(blend):

@@ -103,17 +103,16 @@ def default_peak_tflops(device):
 
 # checkpoints: DCP (sharded model + optimizer) with the position and RNG, and the plain exported model ---
 def rng_state():
-    _, key, pos, has_gauss, gauss = np.random.get_state()
+    _, key, *rest = np.random.get_state()
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                numpy=(torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss), python=random.getstate())
+                numpy=(torch.from_numpy(key.astype(np.int64)), *rest), python=random.getstate())
 
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if s["cuda"] is not None:
         torch.cuda.set_rng_state(s["cuda"])
-    key, *rest = s["numpy"]
-    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), *rest))
+    np.random.set_state(("MT19937", s["numpy"][0].numpy().astype(np.uint32), *s["numpy"][1:]))
     random.setstate(s["python"])
 
 
@@ -223,14 +222,14 @@ def step_stats(res):
                 **{f"{k}_sum": res[k].detach() * hs for k in HEAD_STATS})
 
 
-def log_record(raw, s, step, epoch, lrs, dt, state, n_params, peak_tflops, world, grad_norm):
+def log_record(raw, s, step, epoch, opt, dt, state, n_params, peak_tflops, world, grad_norm):
     """One log.jsonl line from a window's all-reduced sums `s`."""
     n_head = max(s["head_samples"], 1)
     loss = raw.objective(*(torch.tensor(s[k]) for k in ("lm_sum", "head_loss_sum", "lm_tokens", "head_samples")))
     record = dict(step=step, epoch=epoch, loss=float(loss), lm_loss=s["lm_sum"] / max(s["lm_tokens"], 1),
-                  **{k: s[f"{k}_sum"] / n_head for k in HEAD_STATS}, lr_vision=lrs[0], lr=lrs[1],
-                  tokens_per_s=s["tokens"] / dt, samples_per_s=s["samples"] / dt, bad_videos=state["bad_videos"],
-                  clamped_frames=state["clamped_frames"])
+                  **{k: s[f"{k}_sum"] / n_head for k in HEAD_STATS}, lr_vision=opt.param_groups[0]["lr"],
+                  lr=opt.param_groups[1]["lr"], tokens_per_s=s["tokens"] / dt, samples_per_s=s["samples"] / dt,
+                  bad_videos=state["bad_videos"], clamped_frames=state["clamped_frames"])
     if peak_tflops:  # 6 x parameters x tokens: forward and backward of a dense model, per second
         record["mfu"] = 6 * n_params * s["tokens"] / dt / (peak_tflops * 1e12 * world)
     if grad_norm is not None:
@@ -435,8 +434,7 @@ def main(argv):
     collate = functools.partial(data.collate, pad_id=raw.tokenizer.pad_token_id)
     peak_tflops, window, step = args.peak_tflops or default_peak_tflops(device), {}, state["step"]
     result = run_eval(0) if eval_rows and args.eval_every and step == 0 else None
-    pbar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    t_last = time.time()
+    pbar, t_last = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True), time.time()
     while step < stop:
         epoch, start = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
@@ -455,8 +453,8 @@ def main(argv):
             for group in opt.param_groups:
                 group["lr"] = group["peak"] * lr_scale(step, total, math.ceil(args.warmup_ratio * total))
             for i, b in enumerate(micro):
-                host = dict(tokens=int(b["attention_mask"].sum()), samples=len(b["input_ids"]), bad=b["bad"],
-                            clamped=b["clamped"])  # plain ints from the CPU batch: no device sync
+                host = dict(tokens=int(b["attention_mask"].sum()), samples=len(b["input_ids"]), bad_videos=b["bad"],
+                            clamped_frames=b["clamped"])  # plain ints from the CPU batch: no device sync
                 b = {k: v.to(device, non_blocking=True) for k, v in b.items() if torch.is_tensor(v)}
                 with grad_sync(model, i == args.grad_accum - 1):
                     with autocast:
@@ -464,8 +462,7 @@ def main(argv):
                     stats = step_stats(res)
                     loss = raw.objective(res["lm_loss_sum"], res["head_loss"] * stats["head_samples"], *counts)
                     (loss * world).backward()
-                for k, v in {**stats, **host}.items():
-                    window[k] = window.get(k, 0) + v
+                window = {k: window.get(k, 0) + v for k, v in {**stats, **host}.items()}
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip else None
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -473,10 +470,8 @@ def main(argv):
             pbar.update(1)
             if step % args.log_every == 0 or step % args.save_every == 0 or step == stop:
                 s, window, dt, t_last = reduce_window(window, device), {}, time.time() - t_last, time.time()
-                state.update(bad_videos=state["bad_videos"] + int(s["bad"]),
-                             clamped_frames=state["clamped_frames"] + int(s["clamped"]))
-                record = log_record(raw, s, step, epoch, [g["lr"] for g in opt.param_groups], dt, state, n_params,
-                                    peak_tflops, world, grad_norm)
+                state.update({k: state[k] + int(s[k]) for k in ("bad_videos", "clamped_frames")})
+                record = log_record(raw, s, step, epoch, opt, dt, state, n_params, peak_tflops, world, grad_norm)
                 log(record)
                 pbar.set_postfix(loss=f"{record['loss']:.4f}", verb=f"{record['verb_acc']:.2f}",
                                  noun=f"{record['noun_acc']:.2f}", samples_s=f"{record['samples_per_s']:.1f}")
