@@ -465,8 +465,7 @@ class ActionLLaVA(nn.Module):
         """llava.model's arguments, the video as embeddings (the native class counts them against the <video>s)."""
         dev = self.llava.device
         inputs = dict(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
-        pixels = batch.get("pixel_values_videos")
-        if pixels is not None:
+        if (pixels := batch.get("pixel_values_videos")) is not None:
             video = self.video_features(pixels.to(dev, self.llava.model.vision_tower.dtype))
             inputs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=video)}
         return inputs
@@ -543,8 +542,7 @@ def load_model(name, random_init=False, dtype=None, device=None, tokenizer=None,
     given = {k: v for k, v in overrides.items() if v is not None}
     if heads is not None:  # trained heads (under --random-init an alias's heads are new: any sizes)
         have = {k: saved.get(k, getattr(ActionConfig, k)) for k in HEAD_FIELDS}
-        clash = [k for k in HEAD_FIELDS if k in given and given[k] != have[k]]
-        if clash:
+        if clash := [k for k in HEAD_FIELDS if k in given and given[k] != have[k]]:
             raise ValueError(f"checkpoint {name} has heads for {have['n_verbs']} verbs, {have['n_nouns']} nouns and "
                              f"{have['n_actions']} actions (bias {have['head_bias']}), but the run asks for "
                              + ", ".join(f"{k} {given[k]}" for k in clash))
@@ -569,16 +567,14 @@ def load_model(name, random_init=False, dtype=None, device=None, tokenizer=None,
 def load_for_eval(name, device, random_init=False, tokenizer=None, cache=None, action_tokens=None):
     """The loader of evaluate.py and attention.py: a checkpoint with heads keeps its action token(s) in the prompt, as
     trained; a base gets `action_tokens` (None: its own; 0: zero-shot for a plain base). bf16 on GPU, fp32 on CPU."""
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    return load_model(name, random_init, dtype, device if random_init else None, tokenizer, cache,
-                      action_tokens=action_tokens).to(device).eval()
+    return load_model(name, random_init, torch.bfloat16 if device.type == "cuda" else None,
+                      device if random_init else None, tokenizer, cache, action_tokens=action_tokens).to(device).eval()
 
 
 def init_distributed(timeout_minutes):
     """(rank, world, device) for train.py and evaluate.py: torchrun's process group, or a group of one (an
     in-process store) under a plain `python`, so collectives and barriers need no branches."""
-    cuda = torch.cuda.is_available()
-    if cuda:
+    if cuda := torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():  # a second main() in one Python process keeps the group
         single = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)

@@ -18,7 +18,6 @@ import functools
 import gc
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -102,29 +101,17 @@ def default_peak_tflops(device):
 
 
 # checkpoints: DCP (sharded model + optimizer) with the position and RNG, and the plain exported model ---
-def rng_state():
-    _, key, *rest = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                numpy=(torch.from_numpy(key.astype(np.int64)), *rest), python=random.getstate())
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None:
-        torch.cuda.set_rng_state(s["cuda"])
-    np.random.set_state(("MT19937", s["numpy"][0].numpy().astype(np.uint32), *s["numpy"][1:]))
-    random.setstate(s["python"])
-
-
 def save_checkpoint(model, opt, args, state, rank):
-    """{out}/step_N/: DCP shards, each rank's RNG, args.json, and train_state.json last: it marks a complete one."""
+    """{out}/step_N/: DCP shards, each rank's torch RNG (numpy's and Python's global ones are never drawn from),
+    args.json, and train_state.json last: it marks a complete one."""
     path = Path(args.out) / f"step_{state['step']}"
     dist.barrier()
     if rank == 0:  # a step_N written over (after a resume) is incomplete until train_state.json is back
         (path / "train_state.json").unlink(missing_ok=True)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
-    torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    torch.save(dict(torch=torch.get_rng_state(), cuda=cuda), path / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
         data.write_json_atomic(path / "args.json", vars(args))
@@ -140,8 +127,11 @@ def load_checkpoint(model, opt, run, rank):
     msd, osd = get_state_dict(model, opt)
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
-    if (path / f"rng_rank{rank}.pt").exists():  # absent when resuming on more ranks than before
-        set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))
+    if (rng_file := path / f"rng_rank{rank}.pt").exists():  # absent when resuming on more ranks than before
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
     return json.loads((path / "train_state.json").read_text())
 
 
