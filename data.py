@@ -53,7 +53,6 @@ VERB_FILE, NOUN_FILE, ACTIONS_FILE = "EPIC_100_verb_classes.csv", "EPIC_100_noun
 TAIL_FILES = ("EPIC_100_tail_verbs.csv", "EPIC_100_tail_nouns.csv")  # optional: EPIC's tail verb and noun ids
 BENCHMARK = "ek100_mqa_tim_k5.jsonl"  # EK100-MQA (mine.py --model tim --k 5), where evaluate.py looks by default
 SEGMENT_COLUMNS = ("video_id", "start_timestamp", "stop_timestamp", "narration", "verb_class", "noun_class")
-VIDEO_SUFFIXES = (".MP4", ".mp4")
 PAST_END = "starts after the video ends"  # load_clip's reason for a clip outside its video
 MAX_READERS = 4  # open decord readers per process
 _READERS = {}  # (pid, path, size) -> decord reader: opening and seeking a long video costs more than a clip's decode
@@ -123,8 +122,7 @@ def label_text(verb_key, noun_key):
 
 
 def read_csv_rows(path, columns):
-    """[(line number, row)] of a CSV that must have `columns` (a UTF-8 BOM is allowed); an empty file or one with only
-    a header is an error. The line is where the row ends in the file (blank lines skipped, quoted newlines counted)."""
+    """[(line number where the row ends, row)] of a CSV that must have `columns` (a UTF-8 BOM is allowed)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         rows, fieldnames = [(reader.line_num, row) for row in reader], reader.fieldnames
@@ -211,7 +209,7 @@ def find_video(video_root, video_id):
     root = Path(video_root)
     if (root / video_id).is_file():  # a path relative to the root, as replay data (LLaVA JSON) names its videos
         return [(root / video_id, 0.0)]
-    for suffix in VIDEO_SUFFIXES:
+    for suffix in (".MP4", ".mp4"):
         flat = root / f"{video_id}{suffix}"
         if flat.is_dir():  # AVION's chunks, named by their start second
             return [(p, float(p.stem)) for p in sorted(flat.glob("*.[mM][pP]4"), key=lambda p: float(p.stem))]
@@ -245,8 +243,7 @@ def open_video(path, video_id, size=None):
             warnings.warn(f"{path}: its first frame is stamped {first:.3g} s, not 0: decord seeks such files "
                           "inexactly and can return other frames than asked for; re-encode it to H.264 mp4 "
                           "(ffmpeg -i IN -c:v libx264 OUT.mp4)", stacklevel=2)
-        mine = [k for k in _READERS if k[0] == key[0]]
-        if len(mine) >= MAX_READERS:
+        if len(mine := [k for k in _READERS if k[0] == key[0]]) >= MAX_READERS:
             del _READERS[mine[0]]
         _READERS[key] = reader
     return _READERS[key]
@@ -266,7 +263,7 @@ def load_clip(video_root, video_id, start, end, n_frames, jitter=False, rng=None
     times = frame_times(start, end, n_frames, jitter, rng)
     files = find_video(video_root, video_id)
     which = np.clip(np.searchsorted([s for _, s in files], times, side="right") - 1, 0, len(files) - 1)
-    frames, clamped = [None] * n_frames, 0
+    frames, clamped = {}, 0
     for f in np.unique(which):
         path, offset = files[f]
         reader = open_video(path, video_id, size)
@@ -284,19 +281,17 @@ def load_clip(video_root, video_id, start, end, n_frames, jitter=False, rng=None
         except Exception as e:  # decord's DECORDError on a damaged file; the reader stays usable
             raise RuntimeError(f"cannot decode frames {index.tolist()} of {path} (for {video_id}): "
                                f"{str(e).splitlines()[0][:200]}; re-encode it or pass --skip-bad") from None
-        for i, frame in zip(picks, batch):
-            frames[i] = frame
-    return np.stack(frames), clamped
+        frames.update(zip(picks.tolist(), batch))
+    return np.stack([frames[i] for i in range(n_frames)]), clamped
 
 
 def preprocess_frames(frames, size, mean, std):
     """uint8 (T,H,W,3) -> float32 (T,3,S,S) in plain torch (transformers' processors need torchvision, which does
     not run beside the CPU torch of CI): bicubic resize with antialias, /255, normalised with the tower's mean/std."""
     import torch
-    import torch.nn.functional as F
     x = torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2).float()
     if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     x = x.clamp(0, 255) / 255  # bicubic overshoots; the HF processors resize in uint8 and so clip too
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
@@ -350,8 +345,7 @@ def lock_folder(folder):
 
 
 # training tasks (paper section 3.3) in either prompt style -------------------
-# captions (the authors' GPT-4o annotations, in this simple form): {"<narration_id>": {"caption": str,
-# "qa": [[question, answer], ...]}}. Replay: LLaVA conversation JSON, read with read_replay.
+# captions (the authors' GPT-4o annotations): {"<narration_id>": {"caption": str, "qa": [[question, answer], ...]}}
 def mqa_question(options, style="official", perspective="ego", priors=None):
     """A multiple-choice question over `options` ('A. text', on one line in official, one a line in paper); with
     priors [(seconds ago, text)] x 2, oldest first, the prior-action form (texts, so SAP can pass its predictions)."""
@@ -402,11 +396,10 @@ def temporal_row(s, rng, form="paper"):
     before and the rest after (clipped at 0); the answer is where the action lies in the clip, in `form`'s format."""
     pad, alpha = TEMPORAL_FORMS[form], rng.uniform()
     start, end = max(0.0, s.start - alpha * pad), s.end + (1 - alpha) * pad  # the clip's
-    a, b, duration = s.start - start, s.end - start, s.end - s.start
+    a, b, length = s.start - start, s.end - start, s.end - s.start
     official = form == "official"  # the authors' code: 'start, end' as str(round(x, 2)); paper: 'start: end'
     answer = f"{round(a, 2)}, {round(b, 2)}" if official else f"{a:.2f}: {b:.2f}"
-    duration = round(duration, 2) if official else f"{duration:.2f}"
-    question = TEMPORAL_PROMPT.format(action=s.narration, duration=duration)
+    question = TEMPORAL_PROMPT.format(action=s.narration, duration=round(length, 2) if official else f"{length:.2f}")
     return dict(segment_row(s, "temporal", question, answer, action_start=a, action_end=b), start=start, end=end)
 
 
@@ -493,20 +486,18 @@ def encode_conversation(tokenizer, question, answer, n_video_tokens, n_action_to
         reply = [] if a is None else tok(a) + [im_end]
         ids += user + header + reply
         labels += [-100] * len(user) + (header if official and reply else [-100] * len(header)) + reply
-    if answer is None:
-        return ids, labels
-    ids, labels = ids + newline, labels + (newline if official else [-100] * len(newline))
-    if official:
-        marks = {im_start, im_end, *(newline if len(newline) == 1 else ())}
-        labels = [-100] + [i if i in marks else label for i, label in zip(ids[1:], labels[1:])]  # 0: no context
+    if answer is not None:
+        ids, labels = ids + newline, labels + (newline if official else [-100] * len(newline))
+        if official:
+            marks = {im_start, im_end, *(newline if len(newline) == 1 else ())}
+            labels = [-100] + [i if i in marks else label for i, label in zip(ids[1:], labels[1:])]  # 0: no context
     return ids, labels
 
 
 class TaskDataset:
-    """Rows -> model inputs for torch's DataLoader (a plain class, so `import data` needs no torch); clips decode
-    here, in the workers. `spec`: the model's vision spec (size, mean, std, video_tokens(n_frames)). time_prompt:
-    video questions open with the time prompt, glued on as the authors do. Randomness comes from (seed, epoch, index):
-    any number of workers, the same batches; call set_epoch before making each epoch's iterator."""
+    """Rows -> model inputs for torch's DataLoader (a plain class, so `import data` needs no torch). `spec`: the model's
+    vision spec (size, mean, std, video_tokens(n_frames)). time_prompt: video questions open with the time prompt, glued
+    on as the authors do. Randomness comes from (seed, epoch, index): any number of workers, the same batches."""
 
     def __init__(self, rows, video_root, tokenizer, spec, n_frames, n_action_tokens=1, train=False,
                  time_prompt=False, skip_bad=False, with_answer=True, seed=0, supervise="official"):
@@ -599,25 +590,22 @@ def render_toy_video(path, segments, duration, fps, size, rng):
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     background = (rng.integers(20, 60, size=(h // 8, w // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1))
-    container = av.open(str(path), mode="w")
-    stream = container.add_stream("libx264", rate=fps)
-    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-    stream.options = {"crf": "18", "preset": "ultrafast", "g": "5"}  # frequent keyframes: training seeks at random
-    for i in range(int(round(duration * fps))):
-        t, frame = i / fps, background.copy()
-        for start, end, verb, noun in segments:  # they do not overlap: one at most is on screen
-            if start <= t <= end:
-                cx, cy, s = toy_motion(TOY_VERBS[verb], (t - start) / (end - start))
-                frame[toy_object_mask(TOY_SHAPES[noun], xx - cx * w, yy - cy * h, s * h / 6)] = TOY_COLOURS[noun]
-        container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-    container.mux(stream.encode())  # flush the encoder
-    container.close()
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "18", "preset": "ultrafast", "g": "5"}  # frequent keyframes: training seeks at random
+        for i in range(int(round(duration * fps))):
+            t, frame = i / fps, background.copy()
+            for start, end, verb, noun in segments:  # they do not overlap: one at most is on screen
+                if start <= t <= end:
+                    cx, cy, s = toy_motion(TOY_VERBS[verb], (t - start) / (end - start))
+                    frame[toy_object_mask(TOY_SHAPES[noun], xx - cx * w, yy - cy * h, s * h / 6)] = TOY_COLOURS[noun]
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder
 
 
 def fmt_time(seconds):
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{int(h):02d}:{int(m):02d}:{s:05.2f}"
+    return f"{int(seconds // 3600):02d}:{int(seconds % 3600 // 60):02d}:{seconds % 60:05.2f}"
 
 
 def simulate_recognizer(segments, vocab, name, rng):
@@ -687,10 +675,9 @@ def make_toy(out, videos_per_split=(12, 2), segments_per_video=60, n_actions=30,
     write_json_atomic(out / "replay.json", replay)
     (out / ACTIONS_FILE).unlink(missing_ok=True)
     ann = load_annotations(out)
-    train = ann.segments("train")
-    for name, head, classes, n_tail in ((TAIL_FILES[0], "verb", [s.verb_class for s in train], 2),
-                                        (TAIL_FILES[1], "noun", [s.noun_class for s in train], 3)):
-        tail = np.argsort(np.bincount(classes, minlength=max(classes) + 1), kind="stable")[:n_tail]
+    for name, head, n_tail in zip(TAIL_FILES, ("verb", "noun"), (2, 3)):
+        classes = [getattr(s, f"{head}_class") for s in ann.segments("train")]
+        tail = np.argsort(np.bincount(classes), kind="stable")[:n_tail]
         write_atomic(out / name, head + "\n" + "".join(f"{i}\n" for i in sorted(tail)))
     for name in TOY_RECOGNIZERS:
         for split in ("train", "validation"):
