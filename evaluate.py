@@ -143,9 +143,8 @@ def plan_batches(rows, done, rank, world, batch_size, sap, style):
     """This rank's batches (lists of row indices) over the rows without a prediction (skipped ones retried). Plain: rows
     dealt round-robin. SAP: whole videos dealt round-robin, and wave t (each video's t-th unfinished segment, in time
     order) cut into batches, so a video's earlier predictions exist when needed."""
-    todo = [i for i, r in enumerate(rows) if r["id"] not in done]
     if not sap:
-        share = todo[rank::world]
+        share = [i for i, r in enumerate(rows) if r["id"] not in done][rank::world]
         return [share[i:i + batch_size] for i in range(0, len(share), batch_size)]
     videos, _ = data.previous_actions(rows, style)
     waves = defaultdict(list)
@@ -213,9 +212,8 @@ def prediction_row(row, item, frames, scores, generated, vocab, mode, priors):
                     top5=[[int(a), round(float(s), 5)] for a, s in zip(top.indices, top.values)])
     else:
         choice = int(scores.argmax()) if generated is None else structured.parse_letter(generated, len(row["options"]))
-        action = row["option_actions"][choice] if choice >= 0 else -1
-        pred.update(choice=choice, pred_action=action, pred_text=row["options"][choice] if choice >= 0 else None,
-                    answer_index=row["answer_index"])
+        action, text = (row["option_actions"][choice], row["options"][choice]) if choice >= 0 else (-1, None)
+        pred.update(choice=choice, pred_action=action, pred_text=text, answer_index=row["answer_index"])
         pred.update({"generated": generated} if generated is not None else
                     {"option_scores": [round(s, 5) for s in scores.tolist()]})
         if mode == "two_stage":
@@ -238,8 +236,7 @@ def read_tail_classes(root):
 
 
 def read_ratings(path):
-    """Difficulty level by narration id (paper table 8): JSON {id: level}, or a CSV with an id column
-    (narration_id or id) and a level column (level or difficulty)."""
+    """Difficulty level by narration id (table 8): JSON {id: level} or CSV columns narration_id|id, level|difficulty."""
     if Path(path).suffix == ".json":
         return {str(k): str(v) for k, v in json.loads(Path(path).read_text()).items()}
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the first column's name
@@ -267,7 +264,7 @@ def compute_metrics(preds, vocab, tails=None, ratings=None):
     m = {"n": len(good), "skipped_bad": len(preds) - len(good), "skipped_by_reason": dict(reasons)}
     if not good:
         return m
-    col = {k: np.array([p[k] for p in good]) for k in ("correct", "verb_class", "noun_class", "action_class")}
+    col = {k: np.array([p[k] for p in good]) for k in ("correct", "verb_class", "noun_class")}
     hit = {k: np.array([p[f"pred_{k}"] == p[f"{k}_class"] for p in good]) for k in ("verb", "noun", "action")}
     m.update(accuracy=float(col["correct"].mean()), **{f"{k}_top1": float(hit[k].mean()) for k in hit},
              clamped_frames=int(sum(p["clamped"] for p in good)))

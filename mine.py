@@ -66,8 +66,7 @@ def load_score_file(path, ann=None, split=None, trust_pickle=False):
 
 def ranked_json_scores(path, ann, split):
     """The authors' form {"<row>": {"predictions": ["v:n", ...], "target": "v:n"}}: score = -rank, unlisted -inf."""
-    segs = ann.segments(split)
-    ranked = json.loads(Path(path).read_text())
+    segs, ranked = ann.segments(split), json.loads(Path(path).read_text())
     scores = np.full((len(ranked), len(ann.vocab)), -np.inf, dtype=np.float32)
     for r, (row, entry) in enumerate(ranked.items()):
         if not (row.isdigit() and int(row) < len(segs)):
@@ -93,8 +92,7 @@ def read_scores(path, ann, split, trust_pickle=False):
                if len(ann.splits) < len(data.SPLIT_FILES) else "")  # one split's ids miss the other's actions
         raise ValueError(f"{path} scores {scores.shape[1]} classes but {Path(ann.root) / data.ACTIONS_FILE} defines "
                          f"{len(ann.vocab)} action ids; scores must be over its ids{fix}")
-    segs = ann.segments(split)
-    where = {i: r for r, i in enumerate(ids)}
+    segs, where = ann.segments(split), {i: r for r, i in enumerate(ids)}
     rows = np.array([where.get(s.id, -1) for s in segs], dtype=np.int64)
     if missing := [s.id for s, r in zip(segs, rows) if r < 0]:
         other = [name for name, ss in ann.splits.items() if name != split and set(ids) <= {s.id for s in ss}]
@@ -212,9 +210,8 @@ def mine(ann, split, scores=None, k=K, pool=None, topk=None, text="narration", s
 
 
 def mine_toy(root):
-    """The toy kitchen's mined files, written when missing (always the same; train.py's --seed orders batches): training
-    MQA from AVION drawn TOY_DRAWS times (K-1 distractors from its top 2(K-1), shuffled anew so the tiny model cannot
-    memorise letters) and the benchmark from TIM (eq. 3): another recognizer's errors, as in the paper."""
+    """The toy's mined files, written when missing (always the same; train.py's --seed orders batches): TOY_TRAIN
+    (each draw shuffled anew: no letters to memorise) and TIM's benchmark (eq. 3): another recognizer's errors."""
     root, ann = Path(root), data.load_annotations(root)
     if not (root / TOY_TRAIN).exists():
         scores = read_scores(root / "scores" / "avion_train.npz", ann, "train")
