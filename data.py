@@ -317,11 +317,10 @@ def read_jsonl(path):
     rows = []
     with open(path) as f:
         for line_number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {line_number}: not JSON ({e})") from None
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {line_number}: not JSON ({e})") from None
     return rows
 
 

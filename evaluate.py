@@ -54,8 +54,7 @@ PLOT_WIDTH, PLOT_ROW, PLOT_HEADER = 800, 16, 28  # metric plots: height = PLOT_H
 
 # samples to evaluate, one dict per segment -----------------------------------
 def benchmark_rows(path, root, mine_flags=f"--split validation --k {mine.K}"):
-    """EK100-MQA rows as mine.py writes them (or its --topk candidates: `mine_flags` is how to write the file); the
-    option actions map a letter back to verb and noun."""
+    """EK100-MQA rows as mine.py writes them, or its --topk candidates (`mine_flags`: how to write the file)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist; write it first: python mine.py --model tim "
                                 f"--annotations {root} {mine_flags} --out {path}")
@@ -97,8 +96,7 @@ def two_stage_rows(ann, args):
 
 
 def multi_round_rows(ann, args):
-    return [{"id": s.id, "video_id": s.video_id, "start": s.start, "end": s.end, "verb_class": s.verb_class,
-             "noun_class": s.noun_class, "action_class": s.action_class} for s in ann.segments(args.split)]
+    return [{k: v for k, v in vars(s).items() if k in MQA_FIELDS} for s in ann.segments(args.split)]
 
 
 def ask(rows, args):
@@ -230,9 +228,8 @@ def prediction_row(row, item, frames, scores, generated, vocab, mode, priors):
 def read_tail_classes(root):
     """EPIC-100's tail verb and noun ids (a header line, then one id a line); None when the files are absent."""
     paths = [Path(root) / name for name in data.TAIL_FILES]
-    if not all(p.exists() for p in paths):
-        return None
-    return [{int(line.split(",")[0]) for line in p.read_text().splitlines()[1:] if line.strip()} for p in paths]
+    return [{int(line.split(",")[0]) for line in p.read_text().splitlines()[1:] if line.strip()}
+            for p in paths] if all(p.exists() for p in paths) else None
 
 
 def read_ratings(path):
@@ -374,8 +371,7 @@ def build_parser():
     p.add_argument("--topk", type=int, help=f"two_stage: candidates, lettered A.. (default {TOPK}; --candidates: N)")
     p.add_argument("--text", choices=mine.TEXTS, help="two_stage option texts: class labels (default), or a "
                    "narration drawn per class (the truth's own when it is among them, a small leak)")
-    p.add_argument("--seed", type=int, default=0, help="two_stage: the options' shuffle before lettering (and, "
-                   "with --text narration, the narrations drawn)")
+    p.add_argument("--seed", type=int, default=0, help="two_stage: options' shuffle (and --text narration's draw)")
     p.add_argument("--frames", type=int, nargs="+", default=[8], help="one evaluation per value")
     p.add_argument("--score", choices=SCORES, default="letter", help="mqa, two_stage: how an option is chosen")
     p.add_argument("--reduce", choices=["mean", "sum"], default="mean", help="multi_round and --score text: mean "

@@ -306,8 +306,7 @@ def main(argv):
         if args.json:
             data.write_json_atomic(args.json, res)
         return
-    ann = data.load_annotations(args.annotations)
-    scores = None
+    ann, scores = data.load_annotations(args.annotations), None
     if args.model != "random":  # eq. 2: no score file
         path = Path(args.scores or Path(args.annotations) / "scores" / f"{args.model}_{args.split}.npz")
         if not path.exists():

@@ -322,8 +322,7 @@ def resolve(name, cache=None):
     if name == "tiny":
         return name
     source = BASES[name].source if name in BASES else str(name)
-    local = Path(source)
-    if local.is_dir():
+    if (local := Path(source)).is_dir():
         if not (local / "config.json").exists():
             raise FileNotFoundError(f"checkpoint {local} holds no config.json: not a model folder (train one with "
                                     "train.py, or pass an alias: " + ", ".join(BASES) + ")")
@@ -599,8 +598,8 @@ def describe(model: ActionLLaVA) -> str:
     """One line of parameter counts for the logs."""
     def millions(module, trainable=False):
         return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable) / 1e6
-    vision, projector = millions(model.llava.model.vision_tower), millions(model.llava.model.multi_modal_projector)
-    llava, total = millions(model.llava), millions(model)
+    parts = (model.llava.model.vision_tower, model.llava.model.multi_modal_projector, model.llava, model)
+    vision, projector, llava, total = map(millions, parts)
     lm = llava - vision - projector
     return (f"params {total:.2f}M (vision {vision:.2f}M, projector {projector:.2f}M, LM {lm:.2f}M, action token and "
             f"heads {total - llava:.3f}M), trainable {millions(model, True):.2f}M; video layout {model.spec.layout}, "

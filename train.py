@@ -38,14 +38,14 @@ import mine
 import structured
 from model import ActionLLaVA, add_load_flags, describe, init_distributed, load_model, resolve
 
-RESOLVED = dict(prompt_style="prompt_style", perspective="perspective", time_prompt="time_instruction",
-                video_layout="video_layout", supervise_layer="supervise_layer", head_bias="head_bias",
-                head_norm="head_norm", head_weight="head_weight", verb_weight="verb_weight", noun_weight="noun_weight",
-                action_weight="action_weight", action_tokens="action_tokens")  # flag -> ActionConfig field
+RESOLVED = dict(time_prompt="time_instruction", **{k: k for k in (  # flag -> ActionConfig field
+    "prompt_style", "perspective", "video_layout", "supervise_layer", "head_bias", "head_norm", "head_weight",
+    "verb_weight", "noun_weight", "action_weight", "action_tokens")})
 TOY_EXPECTATION = ("\nOn the toy, expect the option texts well above chance and the letters near it: a random-init LM "
                    "learns the actions in minutes (heads, texts, multi-round) but not yet to copy the letter of the "
                    "matching option, which a pretrained base does from the start.")
 HEAD_STATS = ("head_loss", "verb_loss", "noun_loss", "action_loss", "verb_acc", "noun_acc")  # per labelled sample
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per device, for MFU (else not logged)
 
 
 # data ------------------------------------------------------------------------
@@ -81,10 +81,9 @@ def build_optimizer(raw, args):
 
 def grad_sync(model, sync):
     """Reduce gradients only on the window's last micro-step: DDP's no_sync, FSDP2's requires_gradient_sync."""
-    if isinstance(model, FSDPModule):
+    if fsdp := isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-    return contextlib.nullcontext() if sync else model.no_sync()
+    return contextlib.nullcontext() if sync or fsdp else model.no_sync()
 
 
 def lr_scale(step, total, warmup):
@@ -92,12 +91,6 @@ def lr_scale(step, total, warmup):
     if step < warmup:
         return (step + 1) / (warmup + 1)
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def default_peak_tflops(device):
-    """Dense bf16 peak per device for MFU; None (MFU not logged) where unknown."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((v for k, v in {"H100": 989.0, "H200": 989.0, "A100": 312.0}.items() if k in name), None)
 
 
 # checkpoints: DCP (sharded model + optimizer) with the position and RNG, and the plain exported model ---
@@ -149,11 +142,10 @@ def export(model, out, dtype, rank):
 # the in-training MQA check, the step's statistics, the run folder ------------
 @torch.no_grad()
 def check_mqa(raw, rows, args, autocast, log, say, step):
-    """The in-training MQA check, logged and printed: accuracy by option letter and text, over all ranks. Each rank
-    scores rows[rank::world], padded with uncounted repeats to equal batch counts so FSDP's collectives line up.
-    structured.py calls LLaVA's submodules, which FSDP's root hooks would not unshard: all units are gathered once
-    and kept so (ranks may make different numbers of forwards: clips skipped, option texts in more passes), then
-    resharded (the root initialised first, or before the first training forward a unit makes itself root)."""
+    """In-training MQA accuracy by option letter and text over all ranks, logged and printed. Each rank scores
+    rows[rank::world], padded with uncounted repeats so FSDP's collectives line up. structured.py calls LLaVA's
+    submodules, which FSDP's root hooks would not unshard: all units are gathered once and kept so (ranks may differ
+    in forwards), then resharded (the root initialised first, or the first training forward makes a unit root)."""
     units = [m for m in raw.modules() if isinstance(m, FSDPModule)]
     if units:
         raw._get_fsdp_state()._lazy_init()
@@ -334,10 +326,8 @@ def build_parser():
     p.add_argument("--head-bias", action=argparse.BooleanOptionalAction, help="head biases (the release has none)")
     p.add_argument("--head-norm", choices=["layers+1", "layers"], help="divide the summed per-layer head losses by "
                    "L + 1 (the release) or by L (twice the weight at one layer)")
-    p.add_argument("--head-weight", type=float, help="head loss weight against the LM loss (0.1)")
-    p.add_argument("--verb-weight", type=float, help="(0.5)")
-    p.add_argument("--noun-weight", type=float, help="(0.5)")
-    p.add_argument("--action-weight", type=float, help="(0.1)")
+    for part, weight in (("head", "0.1, against the LM loss"), ("verb", 0.5), ("noun", 0.5), ("action", 0.1)):
+        p.add_argument(f"--{part}-weight", type=float, help=f"{part} loss weight (the release: {weight})")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations in the backward")
     p.add_argument("--batch-size", type=int, default=64, help="global: samples per optimizer step, all ranks")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-steps per optimizer step")
@@ -382,8 +372,8 @@ def resolve_args(argv):
     args = parser.parse_args(argv)
     if first.resume and first.out is None:  # a resumed run continues in its own folder unless told otherwise
         args.out = first.resume
-    args.train_file = first.train_file or args.train_file  # append would add the given files to the layered ones
-    args.train_file = [f for arg in args.train_file or [] for f in arg.split(",") if f]
+    # append would add the given files to the layered ones
+    args.train_file = [f for arg in first.train_file or args.train_file or [] for f in arg.split(",") if f]
     args.video_root = args.video_root or (args.annotations and str(Path(args.annotations) / "videos"))
     args.out = args.out or str(Path("runs") / Path(args.base).name)
     if not args.annotations or not args.train_file:
@@ -422,7 +412,8 @@ def main(argv):
                                train=True, time_prompt=args.time_prompt, skip_bad=args.skip_bad, seed=args.seed,
                                supervise=args.supervise)
     collate = functools.partial(data.collate, pad_id=raw.tokenizer.pad_token_id)
-    peak_tflops, window, step = args.peak_tflops or default_peak_tflops(device), {}, state["step"]
+    gpu, window, step = torch.cuda.get_device_name(device) if cuda else "", {}, state["step"]
+    peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     result = run_eval(0) if eval_rows and args.eval_every and step == 0 else None
     pbar, t_last = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True), time.time()
     while step < stop:
