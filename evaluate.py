@@ -228,8 +228,8 @@ def prediction_row(row, item, frames, scores, generated, vocab, mode, priors):
 def read_tail_classes(root):
     """EPIC-100's tail verb and noun ids (a header line, then one id a line); None when the files are absent."""
     paths = [Path(root) / name for name in data.TAIL_FILES]
-    return [{int(line.split(",")[0]) for line in p.read_text().splitlines()[1:] if line.strip()}
-            for p in paths] if all(p.exists() for p in paths) else None
+    if all(p.exists() for p in paths):
+        return [{int(line.split(",")[0]) for line in p.read_text().splitlines()[1:] if line.strip()} for p in paths]
 
 
 def read_ratings(path):

@@ -614,8 +614,7 @@ def main(argv):
     args = parser.parse_args(argv)
     if Path(args.out).exists():
         parser.error(f"{args.out} exists; pass a new folder")
-    src = Path(args.src)
-    if not src.is_dir():
+    if not (src := Path(args.src)).is_dir():
         from huggingface_hub import snapshot_download
         src = Path(snapshot_download(args.src, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     out = convert(src, args.out)

@@ -412,8 +412,9 @@ def main(argv):
                                train=True, time_prompt=args.time_prompt, skip_bad=args.skip_bad, seed=args.seed,
                                supervise=args.supervise)
     collate = functools.partial(data.collate, pad_id=raw.tokenizer.pad_token_id)
-    gpu, window, step = torch.cuda.get_device_name(device) if cuda else "", {}, state["step"]
+    gpu = torch.cuda.get_device_name(device) if cuda else ""
     peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    window, step = {}, state["step"]
     result = run_eval(0) if eval_rows and args.eval_every and step == 0 else None
     pbar, t_last = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True), time.time()
     while step < stop:
