@@ -113,11 +113,7 @@ def read_predictions(folder):
     skipped sample's old row never hides the prediction a rerun made for it on another rank."""
     done = {}
     for path in sorted(Path(folder).glob("predictions*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                p = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for p in map(json.loads, path.read_text().split("\n")[:-1]):  # an unterminated line is cut off, made again
             if not (p.get("bad") and p["id"] in done):
                 done[p["id"]] = p
     return done
@@ -220,7 +216,7 @@ def prediction_row(row, item, frames, scores, generated, vocab, mode, priors):
     verb, noun = (int(x) for x in vocab.pairs[action]) if action >= 0 else (-1, -1)
     pred.update(pred_verb=verb, pred_noun=noun, verb_class=row["verb_class"], noun_class=row["noun_class"],
                 action_class=row["action_class"], clamped=item["clamped"],
-                correct=choice == row["answer_index"] if mode == "mqa" else action == row["action_class"])
+                correct=choice == row["answer_index"] >= 0 if mode == "mqa" else action == row["action_class"])
     return pred if priors is None else dict(pred, priors=priors)
 
 

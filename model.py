@@ -566,7 +566,7 @@ def load_model(name, random_init=False, dtype=None, device=None, tokenizer=None,
 def load_for_eval(name, device, random_init=False, tokenizer=None, cache=None, action_tokens=None):
     """The loader of evaluate.py and attention.py: a checkpoint with heads keeps its action token(s) in the prompt, as
     trained; a base gets `action_tokens` (None: its own; 0: zero-shot for a plain base). bf16 on GPU, fp32 on CPU."""
-    return load_model(name, random_init, torch.bfloat16 if device.type == "cuda" else None,
+    return load_model(name, random_init, torch.bfloat16 if device.type == "cuda" else torch.float32,
                       device if random_init else None, tokenizer, cache, action_tokens=action_tokens).to(device).eval()
 
 

@@ -70,13 +70,12 @@ def parallelize(model, args, device):
 
 
 def build_optimizer(raw, args):
-    """AdamW with two groups, the vision tower (--lr-vision) and everything else (--lr); returns (opt, params)."""
+    """AdamW with two groups, the vision tower and everything else; main sets their learning rates (--lr-vision, --lr)
+    and weight decay every step from the flags, so a resumed run follows the flags it is given. -> (opt, params)"""
     params = [p for p in raw.parameters() if p.requires_grad]
     vision = {id(p) for p in raw.llava.model.vision_tower.parameters()}
-    opt = torch.optim.AdamW([{"params": [p for p in params if id(p) in vision], "peak": args.lr_vision},
-                             {"params": [p for p in params if id(p) not in vision], "peak": args.lr}],
-                            lr=args.lr, weight_decay=args.weight_decay, foreach=True)
-    return opt, params
+    groups = [[p for p in params if id(p) in vision], [p for p in params if id(p) not in vision]]
+    return torch.optim.AdamW([{"params": g} for g in groups], foreach=True), params
 
 
 def grad_sync(model, sync):
@@ -107,7 +106,8 @@ def save_checkpoint(model, opt, args, state, rank):
     torch.save(dict(torch=torch.get_rng_state(), cuda=cuda), path / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
-        data.write_json_atomic(path / "args.json", vars(args))
+        for folder in (path, Path(args.out)):  # the run's flags once they have trained: a failed resume changes none
+            data.write_json_atomic(folder / "args.json", vars(args))
         data.write_json_atomic(path / "train_state.json", state)
 
 
@@ -234,7 +234,7 @@ def prepare(args, rank, world, say):
     dist.barrier()
     ann = data.load_annotations(args.annotations)
     torch.manual_seed(args.seed)  # the heads start alike on every rank: FSDP shards each rank's own initialisation
-    raw = load_model(args.base, args.random_init, tokenizer=args.tokenizer, cache=args.cache,
+    raw = load_model(args.base, args.random_init, torch.float32, tokenizer=args.tokenizer, cache=args.cache,
                      n_verbs=len(ann.vocab.verbs), n_nouns=len(ann.vocab.nouns), n_actions=len(ann.vocab),
                      **{field: getattr(args, flag) for flag, field in RESOLVED.items()})
     for flag, field in RESOLVED.items():  # the run's args.json says what it trained with
@@ -255,7 +255,7 @@ def prepare(args, rank, world, say):
 
 
 def open_run(args, raw, opt, rank, say):
-    """Lock {out}; refuse a fresh run over earlier checkpoints (a later --resume would pick them up); save the flags;
+    """Lock {out}; refuse a fresh run over earlier checkpoints (a later --resume would pick them up);
     resume the model, optimizer and RNG; trim the log to the checkpoint's step. Returns (train state, log path)."""
     out = Path(args.out)
     if rank == 0:
@@ -264,7 +264,6 @@ def open_run(args, raw, opt, rank, say):
         if earlier and not args.resume:
             raise SystemExit(f"{out} holds checkpoints of an earlier run (up to {earlier[-1].parent.name}): continue "
                              f"it with --resume {out}, or pass another --out, or delete {out}")
-        data.write_json_atomic(out / "args.json", vars(args))
     dist.barrier()
     state = dict(step=0, epoch=0, step_in_epoch=0, bad_videos=0, clamped_frames=0)
     if args.resume:
@@ -432,8 +431,9 @@ def main(argv):
                                    sum(int((b["action_labels"] != -100).any(1).sum()) for b in micro)],
                                   dtype=torch.float32, device=device)
             dist.all_reduce(counts)
-            for group in opt.param_groups:
-                group["lr"] = group["peak"] * lr_scale(step, total, math.ceil(args.warmup_ratio * total))
+            scale = lr_scale(step, total, math.ceil(args.warmup_ratio * total))
+            for group, peak in zip(opt.param_groups, (args.lr_vision, args.lr)):  # vision first, as grouped
+                group.update(lr=peak * scale, weight_decay=args.weight_decay)
             for i, b in enumerate(micro):
                 host = dict(tokens=int(b["attention_mask"].sum()), samples=len(b["input_ids"]), bad_videos=b["bad"],
                             clamped_frames=b["clamped"])  # plain ints from the CPU batch: no device sync

@@ -135,6 +135,15 @@ def test_generate_counts_answers_without_a_letter(kitchen, tmp_path):
     assert all(p["pred_action"] == -1 and not p["correct"] for p in preds if p["choice"] < 0)
 
 
+def test_an_unparsed_answer_is_wrong_when_the_truth_is_not_an_option(kitchen):
+    """mine.py --topk rows asked as MQA: the truth may be outside the options (answer_index -1), like no letter."""
+    ann = data.load_annotations(kitchen)
+    scores = mine.read_scores(kitchen / "scores" / "tim_validation.npz", ann, "validation")
+    row = next(r for r in mine.mine(ann, "validation", scores, topk=2, text="label") if r["answer_index"] < 0)
+    pred = evaluate.prediction_row(row, dict(bad=None, clamped=0), FRAMES, None, "no letter", ann.vocab, "mqa", None)
+    assert pred["choice"] == -1 and pred["correct"] is False
+
+
 @pytest.mark.parametrize("sap", [False, True], ids=["rows", "sap"])
 def test_kill_and_resume_gives_the_same(kitchen, tmp_path, monkeypatch, sap, capsys):
     bench = kitchen / ("train_mqa.jsonl" if sap else "ek100_mqa_tim_k5.jsonl")
@@ -154,8 +163,9 @@ def test_kill_and_resume_gives_the_same(kitchen, tmp_path, monkeypatch, sap, cap
     shard = tmp_path / "resumed" / f"frames{FRAMES}" / "predictions.rank0.jsonl"
     written = sum(calls[:2])
     assert len(data.read_jsonl(shard)) == written  # line by line before the kill (SAP: 2 videos, batches of 2)
-    with open(shard, "a") as f:
-        f.write('{"id": "P0')  # a line cut short by the kill
+    done = {p["id"] for p in data.read_jsonl(shard)}
+    with open(shard, "a") as f:  # a kill between a prediction and its newline: it is cut off and made again
+        f.write(json.dumps(next(p for p in predictions(tmp_path / "full") if p["id"] not in done)))
     calls.clear()
     monkeypatch.setattr(structured, "score_options", lambda *a: calls.append(len(a[1]["input_ids"])) or real(*a))
     capsys.readouterr()

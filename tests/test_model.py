@@ -381,6 +381,7 @@ def test_conversion_keeps_bf16_and_writes_a_plain_transformers_folder(tmp_path):
     plain, info = LlavaOnevisionForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert plain.config.vision_config.num_hidden_layers == 2  # the tower's last layer dropped
+    assert {p.dtype for p in M.load_for_eval(out, torch.device("cpu")).parameters()} == {torch.float32}  # CPU: fp32
 
 
 @pytest.mark.parametrize("field, value", [("mm_spatial_pool_mode", "average"), ("mm_projector_type", "linear"),

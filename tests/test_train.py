@@ -149,8 +149,13 @@ def test_resume_continues_with_the_same_losses(toy, tmp_path):
     assert state["step"] == 3 and state["step_in_epoch"] == 3
     p = run(*flags, "--out", tmp_path / "split", check=False)  # a fresh run would strand step_3
     assert p.returncode != 0 and "--resume" in p.stderr and "step_3" in p.stderr
+    p = run("--resume", tmp_path / "split", "--head-bias", check=False)  # the checkpoint has no head biases
+    assert p.returncode != 0 and not json.loads((tmp_path / "split" / "args.json").read_text())["head_bias"]
     run("--resume", tmp_path / "split", "--out", tmp_path / "moved")  # continues in another folder
-    run("--resume", tmp_path / "split")
+    run("--resume", tmp_path / "split", "--out", tmp_path / "faster", "--lr", "1e-2")  # a flag wins over the optimizer
+    lr = {r["step"]: r["lr"] for r in log(tmp_path / "faster") if "lr" in r}
+    assert lr[4] == pytest.approx(1e-2 * train.lr_scale(3, 6, 0))
+    run("--resume", tmp_path / "split")  # its own flags: the failed --head-bias resume changed none
     straight = losses(tmp_path / "straight")
     for folder in ("split", "moved"):
         split = losses(tmp_path / folder)
@@ -217,8 +222,10 @@ def test_a_converted_base_keeps_its_head_options(toy, tmp_path):
     """No head flag given: the run trains with what the base was trained with (here its supervised layers), and
     args.json and the exported action.json say so."""
     from conftest import make_next_checkpoint
-    make_next_checkpoint(tmp_path / "next", action_tokens=0, vision_token_training="all_layers")
+    make_next_checkpoint(tmp_path / "next", action_tokens=0, vision_token_training="all_layers", torch_dtype="bfloat16")
     run(*SMALL, "--annotations", toy, "--base", tmp_path / "next", "--max-steps", 1, "--out", tmp_path / "run")
+    trained = final_weights(tmp_path / "run")["llava.model.language_model.embed_tokens.weight"]
+    assert (trained.bfloat16().float() != trained).float().mean() > 0.5  # fp32 weights, from a bf16 base
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     action = json.loads((tmp_path / "run" / "action.json").read_text())
     assert args["supervise_layer"] == action["supervise_layer"] == "all" and args["head_norm"] == "layers+1"
