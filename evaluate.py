@@ -22,6 +22,7 @@ with the resolved flags in {out}/args.json. One run at a time owns {out} (an OS 
 """
 import argparse
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -42,7 +43,9 @@ import structured
 MODES, SCORES = ("mqa", "two_stage", "multi_round"), ("letter", "text", "generate")
 TOPK = 20  # two-stage candidates unless --topk or --candidates says otherwise (lettered A-T)
 # flags a prediction depends on, in every mode and in each: a resume must match them, and only them (mqa: not --seed)
-RESUME_KEYS = ("mode", "ckpt", "weights", "random_init", "annotations", "prompt_style", "perspective", "time_prompt")
+RESUME_KEYS = ("mode", "ckpt", "weights", "samples", "random_init", "annotations", "prompt_style", "perspective",
+               "time_prompt")
+CHANGED = {"weights": "the checkpoint's weights as they were then", "samples": "other samples (an input file changed)"}
 MODE_KEYS = {"mqa": ("benchmark", "score", "reduce", "sap"), "multi_round": ("split", "reduce"),
              "two_stage": ("split", "scores", "candidates", "topk", "text", "seed", "score", "reduce", "sap")}
 MQA_FIELDS = ("id", "video_id", "start", "end", "options", "answer_index", "option_actions", "verb_class",
@@ -416,8 +419,9 @@ def main(argv):
     rank, world, device = model_lib.init_distributed(timeout_minutes=360)  # SAP: ranks can finish far apart
     ann = data.load_annotations(root)  # inputs first: nothing is written until they are all good
     rows = {"mqa": lambda: benchmark_rows(args.benchmark, root), "two_stage": lambda: two_stage_rows(ann, args),
-            "multi_round": lambda: multi_round_rows(ann, args)}[args.mode]()[:args.limit]
-    if not rows:
+            "multi_round": lambda: multi_round_rows(ann, args)}[args.mode]()
+    args.samples = hashlib.sha1(json.dumps(rows).encode()).hexdigest()  # every row, whatever --limit takes of them
+    if not (rows := rows[:args.limit]):
         parser.error(f"no samples to evaluate in {args.benchmark if args.mode == 'mqa' else root}")
     if rank == 0 and not args.random_init:
         model_lib.resolve(args.ckpt, args.cache)  # rank 0 first: it may download the checkpoint or convert it
@@ -434,10 +438,10 @@ def main(argv):
     if rank == 0:
         data.lock_folder(out)
         saved = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
-        changed = [k for k in RESUME_KEYS + MODE_KEYS[args.mode] if saved and saved.get(k) != vars(args)[k]]
+        changed = [k for k in RESUME_KEYS + MODE_KEYS[args.mode] if saved.get(k, vars(args)[k]) != vars(args)[k]]
         if changed and list(out.glob("frames*/predictions*.jsonl")):
-            was = ", ".join("the checkpoint's weights as they were then (re-exported since)" if k == "weights" else
-                            f"--{k.replace('_', '-')} {saved.get(k)} (now {vars(args)[k]})" for k in changed)
+            was = ", ".join(CHANGED.get(k) or f"--{k.replace('_', '-')} {saved.get(k)} (now {vars(args)[k]})"
+                            for k in changed)
             parser.error(f"{out} holds predictions made with {was}; pass another --out or delete {out}")
         data.write_json_atomic(out / "args.json", vars(args))
     dist.barrier()

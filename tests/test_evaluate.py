@@ -189,6 +189,15 @@ def test_resume_refuses_other_flags(kitchen, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli(kitchen, tmp_path, "--limit", 3, "--score", "text")
     assert "--score letter (now text)" in capsys.readouterr().err
+    bench = tmp_path / "bench.jsonl"  # a benchmark mined again at the same path: the same flags, other samples
+    shutil.copy(kitchen / data.BENCHMARK, bench)
+    run_cli(kitchen, tmp_path / "b", "--limit", 2, "--benchmark", bench)
+    ann = data.load_annotations(kitchen)
+    scores = mine.read_scores(kitchen / "scores" / "tim_validation.npz", ann, "validation")
+    data.write_jsonl_atomic(bench, mine.mine(ann, "validation", scores, k=5, seed=1))
+    with pytest.raises(SystemExit):
+        run_cli(kitchen, tmp_path / "b", "--limit", 2, "--benchmark", bench)
+    assert "holds predictions made with other samples (an input file changed)" in capsys.readouterr().err
 
 
 def test_sap_prompts_hold_own_predictions(kitchen, tmp_path, monkeypatch):
