@@ -115,7 +115,7 @@ def analyse(m, rows, args, desc):
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.num_workers,
                                          collate_fn=partial(collate_readable, pad_id=m.tokenizer.pad_token_id))
     n_layers = m.llava.config.text_config.num_hidden_layers
-    layers = range(n_layers) if args.layer == "mean" else [int(args.layer.replace("last", "-1")) % n_layers]
+    layers = range(n_layers) if args.layer == "mean" else [int(args.layer.replace("last", "-1"))]  # none past the end
     letters = structured.letter_token_ids(m.tokenizer, len(rows[0]["options"])).to(m.llava.device)
     text_max, answer, chosen, kept = [], [], [], []
     for batch in filter(None, tqdm(loader, desc=desc)):  # None: none of the batch's clips could be read
@@ -214,8 +214,8 @@ def main(argv):
                                              args.cache, args.action_tokens))
               for ckpt in [args.ckpt] + ([args.compare] if args.compare else [])]
     data.lock_folder(args.out)  # inputs all loaded: from here on this run owns {out}
-    data.write_json_atomic(Path(args.out) / "args.json", vars(args))
     results = [run(m, ckpt, rows, args, "_compare" if k else "") for k, (ckpt, m) in enumerate(models)]
+    data.write_json_atomic(Path(args.out) / "args.json", vars(args))  # with the stats: a failed run changes neither
     print(f"{'':28s}" + "".join(f"{r['ckpt'][-24:]:>26s}" for r in results))  # a column per model
     for key in ["n", "skipped_bad", "accuracy", "text_visual_mean", "text_visual_p90", "text_action_mean",
                 "share_visual_below_action"]:

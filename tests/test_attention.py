@@ -158,3 +158,8 @@ def test_skip_bad_leaves_out_unreadable_clips(toy_root, tmp_path):
     attention.main([*flags, "--out", str(tmp_path / "att"), "--skip-bad"])
     stats = json.loads((tmp_path / "att" / "stats.json").read_text())
     assert (stats["n"], stats["skipped_bad"]) == (2, 1)
+    with pytest.raises(FileNotFoundError):  # a failed run into the same folder: its flags are not saved
+        attention.main([*flags, "--out", str(tmp_path / "att"), "--layer", "mean"])
+    assert json.loads((tmp_path / "att" / "args.json").read_text())["layer"] == stats["layer"] == "last"
+    with pytest.raises(IndexError, match="index 2 is out of range"):  # tiny has layers 0, 1: never wrapped to 0
+        attention.main([*flags, "--out", str(tmp_path / "att"), "--skip-bad", "--layer", "2"])
