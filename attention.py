@@ -115,7 +115,7 @@ def analyse(m, rows, args, desc):
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.num_workers,
                                          collate_fn=partial(collate_readable, pad_id=m.tokenizer.pad_token_id))
     n_layers = m.llava.config.text_config.num_hidden_layers
-    layers = range(n_layers) if args.layer == "mean" else [int(args.layer.replace("last", "-1"))]  # none past the end
+    layers = range(n_layers) if args.layer == "mean" else [int(args.layer.replace("last", "-1"))]  # lm.layers checks
     letters = structured.letter_token_ids(m.tokenizer, len(rows[0]["options"])).to(m.llava.device)
     text_max, answer, chosen, kept = [], [], [], []
     for batch in filter(None, tqdm(loader, desc=desc)):  # None: none of the batch's clips could be read
